@@ -1,0 +1,8 @@
+"""mbn: Memorized Batch Normalization (Guo et al., AAAI 2018) and friends, reproducible."""
+
+__version__ = "0.1.0"
+
+
+class UserError(Exception):
+    """A mistake in the user's input (config, data, checkpoint). Entry points print the message
+    without a traceback and exit with status 2."""

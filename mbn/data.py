@@ -1,0 +1,165 @@
+"""CIFAR-10/100 and a synthetic CIFAR-shaped dataset, served as device-resident batches.
+
+The whole dataset lives as one uint8 tensor on the training device; shuffling, random crop
+(pad 4) and horizontal flip run there as tensor ops, seeded per epoch, so an epoch's batches
+are a pure function of (seed, epoch) and a resumed run sees exactly the same data.
+"""
+import math
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mbn import UserError
+
+LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels"),
+}
+OFFLINE_HINT = ("rebuild the offline copy with `python ../shared/data/build_cifar.py --root {root} "
+                "--dataset cifar10`")
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 3, 32, 32) uint8
+    labels: torch.Tensor  # (N,) int64
+
+
+def _read_pickles(folder, names, label_key):
+    images, labels = [], []
+    for name in names:
+        with open(os.path.join(folder, name), "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry[label_key])
+    return Split(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long))
+
+
+def load_cifar(name: str, root: str, download: bool = False):
+    """Read torchvision's on-disk layout directly (no md5 tables: the offline CIFAR-10 copy is
+    pixel-exact but cannot carry torchvision's checksums). Returns (train, test) Splits."""
+    folder_name, train_files, test_files, label_key = LAYOUT[name]
+    folder = os.path.join(root, folder_name)
+    missing = [f for f in train_files + test_files if not os.path.isfile(os.path.join(folder, f))]
+    if missing and download:
+        _download(name, root)
+        missing = [f for f in train_files + test_files if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        how = "set data.root=<dir holding it>"
+        how += (", or " + OFFLINE_HINT.format(root=root)) if name == "cifar10" else ""
+        how += ", or run with data.download=true where the internet is reachable"
+        raise UserError(f"{name} not found: expected {folder}/ with {', '.join(train_files + test_files)} "
+                        f"(torchvision's layout); {how}")
+    train = _read_pickles(folder, train_files, label_key)
+    test = _read_pickles(folder, test_files, label_key)
+    return train, test
+
+
+def _download(name, root):
+    import torchvision
+
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+    try:
+        cls(root, train=True, download=True)
+    except Exception as e:  # offline, proxy, disk: all end in the same advice
+        print(f"[data] could not download {name} into {root}: {type(e).__name__}: {e}")
+
+
+def synthetic(num_classes: int, train_size: int, test_size: int, seed: int = 0):
+    """CIFAR-shaped uint8 images: a smooth random colour pattern per class plus per-image noise
+    and shifts, so that a network can learn it and augmentation matters. Deterministic in seed."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
+    templates = F.interpolate(coarse, size=32, mode="bicubic", align_corners=False)
+
+    def make(n):
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        noise = torch.randn(n, 3, 32, 32, generator=g) * 0.25
+        x = templates[labels] * 0.8 + 0.1 + noise
+        shift = torch.randint(-3, 4, (2,), generator=g).tolist()
+        x = torch.roll(x, shifts=shift, dims=(2, 3))
+        return Split((x.clamp(0, 1) * 255).round().to(torch.uint8), labels)
+
+    return make(train_size), make(test_size)
+
+
+def load_dataset(cfg):
+    """data config -> (train Split, test Split) on the CPU."""
+    if cfg.name == "synthetic":
+        return synthetic(cfg.num_classes, cfg.train_size, cfg.test_size, cfg.seed)
+    if cfg.name in LAYOUT:
+        return load_cifar(cfg.name, cfg.root, cfg.download)
+    raise UserError(f"unknown dataset {cfg.name!r}; choose data=cifar10, data=cifar100 or data=synthetic")
+
+
+def channel_stats(images: torch.Tensor):
+    """Per-channel mean and std of uint8 images on the 0-1 scale, computed from the data."""
+    x = images.to(torch.float64) / 255
+    return x.mean((0, 2, 3)), x.std((0, 2, 3), correction=0)
+
+
+def crop_flip_indices(n, size, pad, generator, device):
+    """Row and column indices into a `pad`-padded image for a random crop of `size` and a random
+    horizontal flip per sample: the distribution of torchvision's RandomCrop(size, padding=pad)
+    followed by RandomHorizontalFlip()."""
+    top = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=device)
+    left = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=device)
+    flip = torch.rand(n, 1, generator=generator, device=device) < 0.5
+    ar = torch.arange(size, device=device)
+    rows = top + ar
+    cols = left + torch.where(flip, size - 1 - ar, ar)
+    return rows, cols
+
+
+def crop_flip(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, pad: int) -> torch.Tensor:
+    padded = F.pad(images, (pad, pad, pad, pad))  # zeros, as torchvision's default fill
+    n = images.size(0)
+    idx = torch.arange(n, device=images.device)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2)
+
+
+class Batches:
+    """Iterates over a device-resident split. Training: reshuffled every epoch, last partial
+    batch dropped (static shapes, no tiny last batch), optional crop + flip."""
+
+    def __init__(self, split: Split, batch_size: int, mean, std, device, train: bool, augment: bool,
+                 seed: int = 0, channels_last: bool = False):
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
+        self.device = torch.device(device)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        n = len(self.labels)
+        if train and n < batch_size:
+            raise UserError(f"train.batch_size={batch_size} is larger than the training set ({n} images)")
+        self.num_batches = n // batch_size if train else math.ceil(n / batch_size)
+
+    def __len__(self):
+        return self.num_batches
+
+    def generator(self, epoch: int):
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.seed * 1_000_003 + epoch)
+        return g
+
+    def epoch(self, epoch: int = 0, num_batches: int = None):
+        n = len(self.labels)
+        g = self.generator(epoch) if self.train else None
+        order = torch.randperm(n, generator=g, device=self.device) if self.train else None
+        for i in range(num_batches if num_batches is not None else self.num_batches):
+            sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
+            idx = order[sl] if order is not None else None
+            x = self.images[idx] if idx is not None else self.images[sl]
+            y = self.labels[idx] if idx is not None else self.labels[sl]
+            if self.train and self.augment:
+                rows, cols = crop_flip_indices(x.size(0), 32, 4, g, self.device)
+                x = crop_flip(x, rows, cols, 4)
+            x = ((x.float() / 255 - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+            yield x, y

@@ -1,0 +1,291 @@
+"""One training loop: train step (single or double forward), evaluation, checkpoints, resume."""
+import contextlib
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+import models
+from mbn import UserError, norms
+from mbn.data import Batches, channel_stats, load_dataset
+from mbn.double_forward import recording
+from mbn.schedules import step_lr
+from mbn.tracking import JsonlTracker, Trackers, WandbTracker, atomic_write_text, run_record
+
+CHECKPOINT = "checkpoint.pt"
+# keys that may differ between a checkpoint and the run that resumes it
+RESUME_FREE = ("resume", "train.stop_after", "train.progress", "logger", "data.root", "data.download",
+               "device", "train.eval_batch_size")
+
+
+# ------------------------------------------------------------------------------ building
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # all devices
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def make_model(cfg) -> torch.nn.Module:
+    """Model with the configured normalizer; weight-normalizing layers bound to their convs."""
+    name = cfg.model.name
+    if name not in models.MODELS:
+        raise UserError(f"unknown model {name!r}; choose one of {sorted(models.MODELS)} (model=<name>)")
+    spec = norms.get_spec(cfg.norm.name)
+    model = models.build_model(name, cfg.data.num_classes, norms.build_norm(cfg.norm), norms.build_act(cfg.norm))
+    if getattr(model, "residual", False) and not spec.residual_ok:
+        raise UserError(f"norm={cfg.norm.name} is defined for plain networks only and {name} is residual "
+                        "(the paper leaves these cells empty); use model=nin or model=vgg16, or another norm")
+    norms.bind_convs(model)
+    return model
+
+
+def make_optimizer(cfg, model):
+    if cfg.optim.name != "sgd":
+        raise UserError(f"unknown optimizer {cfg.optim.name!r}; only optim=sgd is provided")
+    o = cfg.optim
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=o.nesterov)
+
+
+def autocast_for(cfg, device):
+    if cfg.perf.precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    if cfg.perf.precision != "fp32":
+        raise UserError(f"perf.precision must be fp32 or bf16, got {cfg.perf.precision!r}")
+    return contextlib.nullcontext
+
+
+# ---------------------------------------------------------------------------- one step
+def train_step(model, optimizer, x, y, double_forward: bool, autocast=contextlib.nullcontext, forward=None):
+    """One SGD update. Single forward: the training forward records statistics. Double forward
+    (Algorithm 1): train without recording, step, then record with a second no-grad forward on
+    the same batch, so stored statistics come from the updated weights. Returns the summed loss
+    and number of errors as device tensors (no host synchronisation)."""
+    forward = forward or model
+    with recording(model, not double_forward), autocast():
+        out = forward(x)
+        loss = F.cross_entropy(out, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    if double_forward:
+        with torch.no_grad(), recording(model, True), autocast():
+            forward(x)
+    return loss.detach().float() * len(y), (out.detach().argmax(1) != y).sum()
+
+
+@torch.no_grad()
+def evaluate(model, batches, autocast=contextlib.nullcontext, forward=None) -> dict:
+    forward = forward or model
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=batches.device)
+    errors = torch.zeros((), device=batches.device, dtype=torch.long)
+    for x, y in batches.epoch():
+        with autocast():
+            out = forward(x)
+        loss += F.cross_entropy(out.float(), y, reduction="sum")
+        errors += (out.argmax(1) != y).sum()
+    model.train(was_training)
+    n = len(batches.labels)
+    return {"loss": loss.item() / n, "err": 100.0 * errors.item() / n}
+
+
+def set_eval_stats(model, which: str) -> None:
+    """MBN layers: evaluate with the memory (the paper's rule) or with running averages."""
+    for m in model.modules():
+        if hasattr(m, "eval_stats"):
+            m.eval_stats = which
+
+
+def scheduled_values(model) -> dict:
+    """The current value of every scheduled normalizer hyper-parameter (λ, r_max, d_max)."""
+    for m in norms.norm_layers(model):
+        found = {k: getattr(m, k).item() for k in ("lam", "r_max", "d_max") if isinstance(getattr(m, k, None), torch.Tensor)}
+        if found:
+            return found
+    return {}
+
+
+# ----------------------------------------------------------------------------- checkpoint
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str, state: dict) -> None:
+    """Write to a temporary file, fsync, rename: a kill leaves the old or the new checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device="cpu") -> dict:
+    return torch.load(path, map_location=device, weights_only=False)
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict):
+    free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE)  # noqa: E731
+    a, b = _flatten(saved), _flatten(current)
+    return sorted(f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}"
+                  for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
+
+
+# ------------------------------------------------------------------------------- the loop
+def fit(cfg, run_dir: str, overrides=()) -> dict:
+    """Train as configured, writing everything into run_dir. Returns the final summary, or the
+    summary so far when train.stop_after ends this invocation early."""
+    os.makedirs(run_dir, exist_ok=True)
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed, cfg.deterministic)
+    autocast = autocast_for(cfg, device)
+
+    train_split, test_split = load_dataset(cfg.data)
+    mean, std = channel_stats(train_split.images)
+    cl = cfg.perf.channels_last
+    train_batches = Batches(train_split, cfg.train.batch_size, mean, std, device, True, cfg.data.augment,
+                            cfg.seed, cl)
+    test_batches = Batches(test_split, cfg.train.eval_batch_size, mean, std, device, False, False, 0, cl)
+
+    model = make_model(cfg).to(device)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(cfg, model)
+    forward = torch.compile(model, mode=cfg.perf.compile_mode) if cfg.perf.compile else model
+
+    per_epoch = len(train_batches)
+    total_steps = cfg.train.steps or cfg.train.epochs * per_epoch
+    num_epochs = math.ceil(total_steps / per_epoch)
+
+    ckpt_path = os.path.join(run_dir, CHECKPOINT)
+    start_epoch, step, history, wandb_id = 0, 0, [], None
+    if cfg.resume:
+        if not os.path.isfile(ckpt_path):
+            raise UserError(f"resume=true but there is no {CHECKPOINT} in {run_dir}; "
+                            "pass hydra.run.dir=<the run's directory>")
+        state = load_checkpoint(ckpt_path, device)
+        diff = config_differences(state["config"], cfg_dict)
+        if diff:
+            raise UserError(f"the checkpoint in {run_dir} was written by a different config; "
+                            "resume with the same settings or start a new run dir. Differences: "
+                            + "; ".join(diff))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_epoch, step, history, wandb_id = state["epoch"], state["step"], state["history"], state.get("wandb_id")
+    elif os.path.isfile(ckpt_path):
+        raise UserError(f"{run_dir} already holds a checkpoint; continue it with resume=true "
+                        "or choose another hydra.run.dir")
+
+    record = run_record(cfg_dict, overrides, device)
+    record.update(steps_per_epoch=per_epoch, total_steps=total_steps, epochs=num_epochs)
+    name = "run_record.json" if not cfg.resume else f"run_record.resume{start_epoch}.json"
+    atomic_write_text(os.path.join(run_dir, name), json.dumps(record, indent=2, default=str))
+
+    trackers = [JsonlTracker(run_dir, history)]
+    if cfg.logger.name == "wandb":
+        trackers.append(WandbTracker(cfg, cfg_dict, record, run_dir, overrides, wandb_id))
+        wandb_id = trackers[-1].id
+    tracker = Trackers(trackers)
+
+    stopped_early = False
+    for epoch in range(start_epoch, num_epochs):
+        steps = min(per_epoch, total_steps - step)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        err_sum = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        t0 = time.perf_counter()
+        bar = tqdm(train_batches.epoch(epoch, steps), total=steps, desc=f"epoch {epoch + 1}/{num_epochs}",
+                   disable=not cfg.train.progress, leave=False, dynamic_ncols=True)
+        for x, y in bar:
+            progress = step / total_steps
+            lr = step_lr(cfg.optim.lr, cfg.schedule.milestones, cfg.schedule.gamma, progress)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            norms.set_progress(model, progress)
+            loss, errors = train_step(model, optimizer, x, y, cfg.train.double_forward, autocast, forward)
+            loss_sum += loss
+            err_sum += errors
+            seen += len(y)
+            step += 1
+            if step % cfg.logger.log_every == 0:
+                live = {"train/loss": loss_sum.item() / seen, "train/err": 100.0 * err_sum.item() / seen, "lr": lr}
+                bar.set_postfix(loss=f"{live['train/loss']:.3f}", err=f"{live['train/err']:.1f}", lr=f"{lr:.3g}")
+                tracker.log_step(live, step)
+        train_time = time.perf_counter() - t0
+        test = evaluate(model, test_batches, autocast, forward)
+        metrics = {"epoch": epoch + 1, "step": step, "lr": lr, **scheduled_values(model),
+                   "train_loss": loss_sum.item() / seen, "train_err": 100.0 * err_sum.item() / seen,
+                   "test_loss": test["loss"], "test_err": test["err"],
+                   "epoch_time": train_time, "images_per_s": seen / train_time}
+        history.append(metrics)
+        tracker.log_epoch(metrics, step)
+        tqdm.write(f"epoch {epoch + 1}/{num_epochs}  train loss {metrics['train_loss']:.4f} "
+                   f"err {metrics['train_err']:.2f}%  test loss {test['loss']:.4f} err {test['err']:.2f}%  "
+                   f"lr {lr:.3g}  {metrics['images_per_s']:.0f} img/s")
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "epoch": epoch + 1, "step": step, "rng": rng_state(), "config": cfg_dict,
+                                    "history": history, "wandb_id": wandb_id})
+        if cfg.train.stop_after and epoch + 1 - start_epoch >= cfg.train.stop_after and epoch + 1 < num_epochs:
+            stopped_early = True
+            tqdm.write(f"stopping after {cfg.train.stop_after} epoch(s) as asked; continue with resume=true")
+            break
+
+    summary = dict(history[-1]) if history else {}
+    summary.update(finished=not stopped_early, epochs=num_epochs, total_steps=total_steps,
+                   wall_time=sum(h["epoch_time"] for h in history))
+    if not stopped_early and any(hasattr(m, "eval_stats") for m in model.modules()):
+        set_eval_stats(model, "running")
+        summary["test_err_running"] = evaluate(model, test_batches, autocast)["err"]
+        set_eval_stats(model, cfg.norm.eval_stats)
+    if not stopped_early:
+        atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(summary, indent=2))
+        print(f"final test error {summary['test_err']:.2f}% after {step} steps ({num_epochs} epochs); "
+              f"run dir {run_dir}")
+    tracker.finish(summary)
+    return summary

@@ -1,0 +1,13 @@
+"""Model registry. Every model takes `num_classes`, `norm_layer` and `act_layer` and never names
+a normalizer."""
+from models.nin import nin
+from models.resnet_cifar import resnet20, resnet56
+from models.vgg import vgg16
+
+MODELS = {"resnet20": resnet20, "resnet56": resnet56, "vgg16": vgg16, "nin": nin}
+
+
+def build_model(name, num_classes, norm_layer, act_layer):
+    if name not in MODELS:
+        raise KeyError(name)
+    return MODELS[name](num_classes=num_classes, norm_layer=norm_layer, act_layer=act_layer)
