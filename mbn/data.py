@@ -137,6 +137,8 @@ class Batches:
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         n = len(self.labels)
+        if batch_size < 1:
+            raise UserError(f"batch size must be >= 1 (got {batch_size}); set train.batch_size / train.eval_batch_size")
         if train and n < batch_size:
             raise UserError(f"train.batch_size={batch_size} is larger than the training set ({n} images)")
         self.num_batches = n // batch_size if train else math.ceil(n / batch_size)
