@@ -6,3 +6,6 @@ __version__ = "0.1.0"
 class UserError(Exception):
     """A mistake in the user's input (config, data, checkpoint). Entry points print the message
     without a traceback and exit with status 2."""
+
+
+from mbn import naming  # noqa: E402,F401  (registers the ${mbn.run_id:} resolver)

@@ -83,9 +83,9 @@ class Config:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-    resume: bool = False             # continue the run in hydra.run.dir from its checkpoint
+    resume: Optional[bool] = None    # null: continue a checkpoint / skip a finished run found in
+                                     # the run dir; true: must continue; false: must start fresh
     name: str = "default"            # experiment name: run dir, W&B group
-    paper: Optional[str] = None      # e.g. "table1": which paper artefact the run belongs to
 
 
 def register_configs() -> None:

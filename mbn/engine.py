@@ -202,28 +202,35 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
     num_epochs = math.ceil(total_steps / per_epoch)
 
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
+    done_path = os.path.join(run_dir, "metrics.json")
+    have_ckpt = os.path.isfile(ckpt_path)
+    if cfg.resume is False and have_ckpt:
+        raise UserError(f"{run_dir} already holds a checkpoint; continue it with resume=true "
+                        "(or leave resume unset) or choose another hydra.run.dir")
+    if cfg.resume and not have_ckpt:
+        raise UserError(f"resume=true but there is no {CHECKPOINT} in {run_dir}; "
+                        "pass hydra.run.dir=<the run's directory>")
     start_epoch, step, history, wandb_id = 0, 0, [], None
-    if cfg.resume:
-        if not os.path.isfile(ckpt_path):
-            raise UserError(f"resume=true but there is no {CHECKPOINT} in {run_dir}; "
-                            "pass hydra.run.dir=<the run's directory>")
+    if have_ckpt:
         state = load_checkpoint(ckpt_path, device)
         diff = config_differences(state["config"], cfg_dict)
         if diff:
             raise UserError(f"the checkpoint in {run_dir} was written by a different config; "
                             "resume with the same settings or start a new run dir. Differences: "
                             + "; ".join(diff))
+        if os.path.isfile(done_path) and state["step"] >= total_steps:
+            print(f"{run_dir} already finished; nothing to do")
+            with open(done_path) as f:
+                return json.load(f)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_epoch, step, history, wandb_id = state["epoch"], state["step"], state["history"], state.get("wandb_id")
-    elif os.path.isfile(ckpt_path):
-        raise UserError(f"{run_dir} already holds a checkpoint; continue it with resume=true "
-                        "or choose another hydra.run.dir")
+        print(f"resuming {run_dir} at epoch {start_epoch} (step {step})")
 
     record = run_record(cfg_dict, overrides, device)
     record.update(steps_per_epoch=per_epoch, total_steps=total_steps, epochs=num_epochs)
-    name = "run_record.json" if not cfg.resume else f"run_record.resume{start_epoch}.json"
+    name = "run_record.json" if not start_epoch else f"run_record.resume{start_epoch}.json"
     atomic_write_text(os.path.join(run_dir, name), json.dumps(record, indent=2, default=str))
 
     trackers = [JsonlTracker(run_dir, history)]

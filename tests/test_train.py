@@ -110,7 +110,16 @@ def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
     with pytest.raises(UserError, match="different config.*optim.lr"):
         fit(make_cfg(TINY + ["train.epochs=2", "resume=true", "optim.lr=0.05"]), str(tmp_path))
     with pytest.raises(UserError, match="already holds a checkpoint"):
-        fit(make_cfg(TINY + ["train.epochs=2"]), str(tmp_path))
+        fit(make_cfg(TINY + ["train.epochs=2", "resume=false"]), str(tmp_path))
+
+
+def test_rerun_into_a_run_dir_continues_or_skips(tmp_path, capsys):
+    fit(make_cfg(TINY + ["train.epochs=2", "train.stop_after=1"]), str(tmp_path))
+    summary = fit(make_cfg(TINY + ["train.epochs=2"]), str(tmp_path))  # resume unset: continues
+    assert summary["finished"] and summary["epoch"] == 2
+    assert "resuming" in capsys.readouterr().out
+    again = fit(make_cfg(TINY + ["train.epochs=2"]), str(tmp_path))  # finished: skipped
+    assert again == summary and "already finished" in capsys.readouterr().out
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):

@@ -1,0 +1,98 @@
+"""Convergence curves of the paper's Figures 1 and 2 from the runs' per-epoch metrics.
+
+    python scripts/plot_curves.py --runs runs/e30          # writes results/e30/figure{1,2}.png
+
+Curves are the mean over seeds; the band spans the seeds' min and max."""
+import argparse
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mbn.results import REPO, curves, label, lookup, provenance, read_json  # noqa: E402
+from mbn.sweeps import grids  # noqa: E402
+
+COLORS = {"bn": "tab:blue", "brn": "tab:green", "mbn": "tab:red"}
+
+
+def band(ax, runs, key, color, lw, name, ls="-"):
+    epochs, mean, lo, hi = curves(runs, key)
+    ax.plot(epochs, mean, color=color, lw=lw, ls=ls, label=name)
+    if len(runs) > 1:
+        ax.fill_between(epochs, lo, hi, color=color, alpha=0.15, lw=0)
+
+
+def caption(fig, prov):
+    fig.text(0.01, 0.005, f"{prov['schedule']}; seeds per curve ≤ {prov['seeds asked']}; "
+             f"{', '.join(prov['devices'])}; commits {', '.join(prov['commits'])}; "
+             f"overrides: {prov['extra overrides']}", fontsize=7)
+
+
+def figure1(cells, grid, prov, path):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (norm, double), runs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        if runs:
+            band(ax, runs, "test_err", COLORS.get(norm), 2.0 if double else 1.2,
+                 f"{norm.upper()}-{2 if double else 1} (n={len(runs)})", "-" if double else "--")
+    ax.set(xlabel="epoch", ylabel="test error (%)", title=grid.title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    caption(fig, prov)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure2(cells, grid, prov, path):
+    models = [m for m in grid.rows if any(cells.get((m, n)) for n in grid.cols)] or list(grid.rows)
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for norm in grid.cols:
+            runs = cells.get((model, norm)) or []
+            if runs:
+                band(ax, runs, "train_err", COLORS.get(norm), 0.8, f"{norm.upper()} train")
+                band(ax, runs, "test_err", COLORS.get(norm), 2.2, f"{norm.upper()} test (n={len(runs)})")
+        ax.set(xlabel="epoch", ylabel="error (%)", title=model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(grid.title)
+    caption(fig, prov)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--out", default=None, help="default: results/<basename of --runs>")
+    args = ap.parse_args(argv)
+    out = args.out or os.path.join(REPO, "results", os.path.basename(os.path.normpath(args.runs)))
+    os.makedirs(out, exist_ok=True)
+    made = 0
+    for name, draw in (("figure1", figure1), ("figure2", figure2)):
+        sweep_file = os.path.join(args.runs, f"sweep_{name}.json")
+        if not os.path.isfile(sweep_file):
+            print(f"[plot] {name}: no {sweep_file} (run scripts/sweep.py {name} first); skipped")
+            continue
+        sweep = read_json(sweep_file)
+        grid = grids(sweep["epochs"])[name]
+        cells = lookup(grid, sweep, args.runs)
+        runs = [r for rs in cells.values() for r in rs]
+        if not runs:
+            print(f"[plot] {name}: no finished runs yet; skipped")
+            continue
+        path = os.path.join(out, f"{name}.png")
+        draw(cells, grid, provenance(runs, sweep), path)
+        made += 1
+        print(f"[plot] {name}: {len(runs)} runs -> {path}")
+    return 0 if made else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
