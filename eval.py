@@ -17,7 +17,7 @@ USAGE = "usage: python eval.py run_dir=<dir> | ckpt=<file> [eval_stats=both|memo
 
 
 def evaluate_checkpoint(path, eval_stats="both", device=None, data_root=None) -> dict:
-    from mbn.data import Batches, channel_stats, load_dataset
+    from mbn.data import make_loaders
     from mbn.engine import autocast_for, evaluate, load_checkpoint, make_model, resolve_device, set_eval_stats
 
     if not os.path.isfile(path):
@@ -27,9 +27,7 @@ def evaluate_checkpoint(path, eval_stats="both", device=None, data_root=None) ->
     if data_root:
         cfg.data.root = data_root
     dev = resolve_device(device or cfg.device)
-    train, test = load_dataset(cfg.data)
-    mean, std = channel_stats(train.images)
-    batches = Batches(test, cfg.train.eval_batch_size, mean, std, dev, False, False)
+    batches = make_loaders(cfg, dev)[1]
     model = make_model(cfg).to(dev)
     model.load_state_dict(state["model"])
     autocast = autocast_for(cfg, dev)
@@ -47,6 +45,7 @@ def evaluate_checkpoint(path, eval_stats="both", device=None, data_root=None) ->
         r = evaluate(model, batches, autocast)
         suffix = "" if mode in ("default", "memory") else f"_{mode}"
         report[f"test_loss{suffix}"], report[f"test_err{suffix}"] = r["loss"], r["err"]
+        report[f"test_err5{suffix}"] = r["err5"]
     return report
 
 

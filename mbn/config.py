@@ -24,6 +24,8 @@ class DataConfig:
     train_size: int = 2048           # synthetic only
     test_size: int = 512             # synthetic only
     seed: int = 0                    # synthetic only: the dataset is a function of this seed
+    image_size: int = 224            # imagenet only: crop size
+    workers: int = 8                 # imagenet only: DataLoader worker processes
 
 
 @dataclass

@@ -93,7 +93,7 @@ def load_dataset(cfg):
         return synthetic(cfg.num_classes, cfg.train_size, cfg.test_size, cfg.seed)
     if cfg.name in LAYOUT:
         return load_cifar(cfg.name, cfg.root, cfg.download)
-    raise UserError(f"unknown dataset {cfg.name!r}; choose data=cifar10, data=cifar100 or data=synthetic")
+    raise UserError(f"unknown dataset {cfg.name!r}; choose data=cifar10, cifar100, synthetic or imagenet")
 
 
 def channel_stats(images: torch.Tensor):
@@ -125,10 +125,12 @@ def crop_flip(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, pad:
 
 class Batches:
     """Iterates over a device-resident split. Training: reshuffled every epoch, last partial
-    batch dropped (static shapes, no tiny last batch), optional crop + flip."""
+    batch dropped (static shapes, no tiny last batch), optional crop + flip. With several
+    processes every rank draws the same global batch and keeps its slice, so the global batch
+    equals a single-process run's."""
 
     def __init__(self, split: Split, batch_size: int, mean, std, device, train: bool, augment: bool,
-                 seed: int = 0, channels_last: bool = False):
+                 seed: int = 0, channels_last: bool = False, rank: int = 0, world: int = 1):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
@@ -141,7 +143,11 @@ class Batches:
             raise UserError(f"batch size must be >= 1 (got {batch_size}); set train.batch_size / train.eval_batch_size")
         if train and n < batch_size:
             raise UserError(f"train.batch_size={batch_size} is larger than the training set ({n} images)")
+        if train and batch_size % world:
+            raise UserError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
         self.num_batches = n // batch_size if train else math.ceil(n / batch_size)
+        self.num_samples = n
+        self.rank, self.world = rank, world
 
     def __len__(self):
         return self.num_batches
@@ -163,5 +169,22 @@ class Batches:
             if self.train and self.augment:
                 rows, cols = crop_flip_indices(x.size(0), 32, 4, g, self.device)
                 x = crop_flip(x, rows, cols, 4)
+            if self.world > 1 and self.train:
+                part = slice(self.rank * len(y) // self.world, (self.rank + 1) * len(y) // self.world)
+                x, y = x[part], y[part]
             x = ((x.float() / 255 - self.mean) / self.std).contiguous(memory_format=self.memory_format)
             yield x, y
+
+
+def make_loaders(cfg, device, rank: int = 0, world: int = 1):
+    """(train batches, test batches) for the configured dataset."""
+    channels_last = cfg.perf.channels_last
+    if cfg.data.name == "imagenet":
+        from mbn.imagenet import imagenet_loaders
+
+        return imagenet_loaders(cfg, device, rank, world)
+    train, test = load_dataset(cfg.data)
+    mean, std = channel_stats(train.images)
+    return (Batches(train, cfg.train.batch_size, mean, std, device, True, cfg.data.augment, cfg.seed,
+                    channels_last, rank, world),
+            Batches(test, cfg.train.eval_batch_size, mean, std, device, False, False, 0, channels_last))

@@ -8,16 +8,17 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 import models
 from mbn import UserError, norms
-from mbn.data import Batches, channel_stats, load_dataset
+from mbn.data import make_loaders
 from mbn.double_forward import recording
 from mbn.schedules import step_lr
-from mbn.tracking import JsonlTracker, Trackers, WandbTracker, atomic_write_text, run_record
+from mbn.tracking import JsonlTracker, Tracker, Trackers, WandbTracker, atomic_write_text, run_record
 
 CHECKPOINT = "checkpoint.pt"
 # keys that may differ between a checkpoint and the run that resumes it
@@ -97,19 +98,24 @@ def train_step(model, optimizer, x, y, double_forward: bool, autocast=contextlib
 
 @torch.no_grad()
 def evaluate(model, batches, autocast=contextlib.nullcontext, forward=None) -> dict:
+    """Test loss, top-1 and top-5 error (%) in eval mode."""
     forward = forward or model
     was_training = model.training
     model.eval()
-    loss = torch.zeros((), device=batches.device)
-    errors = torch.zeros((), device=batches.device, dtype=torch.long)
+    loss = torch.zeros((), device=batches.device, dtype=torch.float64)
+    errors = torch.zeros(2, device=batches.device, dtype=torch.long)
+    n = 0
     for x, y in batches.epoch():
         with autocast():
             out = forward(x)
         loss += F.cross_entropy(out.float(), y, reduction="sum")
-        errors += (out.argmax(1) != y).sum()
+        top = out.topk(min(5, out.size(1)), dim=1).indices
+        errors[0] += (top[:, 0] != y).sum()
+        errors[1] += (top != y[:, None]).all(1).sum()
+        n += len(y)
     model.train(was_training)
-    n = len(batches.labels)
-    return {"loss": loss.item() / n, "err": 100.0 * errors.item() / n}
+    e = errors.tolist()
+    return {"loss": loss.item() / n, "err": 100.0 * e[0] / n, "err5": 100.0 * e[1] / n}
 
 
 def set_eval_stats(model, which: str) -> None:
@@ -175,27 +181,52 @@ def config_differences(saved: dict, current: dict):
 
 
 # ------------------------------------------------------------------------------- the loop
-def fit(cfg, run_dir: str, overrides=()) -> dict:
-    """Train as configured, writing everything into run_dir. Returns the final summary, or the
-    summary so far when train.stop_after ends this invocation early."""
-    os.makedirs(run_dir, exist_ok=True)
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed, cfg.deterministic)
-    autocast = autocast_for(cfg, device)
+def setup_distributed(device: torch.device):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the process group (NCCL on GPUs, gloo on
+    CPUs) and pick this rank's GPU. Returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), world, device
 
-    train_split, test_split = load_dataset(cfg.data)
-    mean, std = channel_stats(train_split.images)
-    cl = cfg.perf.channels_last
-    train_batches = Batches(train_split, cfg.train.batch_size, mean, std, device, True, cfg.data.augment,
-                            cfg.seed, cl)
-    test_batches = Batches(test_split, cfg.train.eval_batch_size, mean, std, device, False, False, 0, cl)
+
+def epoch_metrics(loss_sum, err_sum, seen, world):
+    """Training loss/error of the epoch over all ranks (one host sync per epoch)."""
+    t = torch.stack([loss_sum.double(), err_sum.double(), torch.tensor(float(seen), device=loss_sum.device).double()])
+    if world > 1:
+        dist.all_reduce(t)
+    loss, err, n = t.tolist()
+    return loss / n, 100.0 * err / n, int(n)
+
+
+def fit(cfg, run_dir: str, overrides=()) -> dict:
+    """Train as configured, writing everything into run_dir (rank 0 only). Returns the final
+    summary, or the summary so far when train.stop_after ends this invocation early."""
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    rank, world, device = setup_distributed(resolve_device(cfg.device))
+    if world > 1:  # every rank writes into rank 0's run dir
+        shared = [run_dir]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = shared[0]
+    lead = rank == 0
+    os.makedirs(run_dir, exist_ok=True)
+    seed_everything(cfg.seed + rank, cfg.deterministic)  # data order is seeded separately, per epoch
+    autocast = autocast_for(cfg, device)
+    train_batches, test_batches = make_loaders(cfg, device, rank, world)
 
     model = make_model(cfg).to(device)
-    if cl:
+    if cfg.perf.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
-    forward = torch.compile(model, mode=cfg.perf.compile_mode) if cfg.perf.compile else model
+    net = model
+    if world > 1:  # statistics are synchronised inside the normalizers, buffers stay equal
+        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    forward = torch.compile(net, mode=cfg.perf.compile_mode) if cfg.perf.compile else net
 
     per_epoch = len(train_batches)
     total_steps = cfg.train.steps or cfg.train.epochs * per_epoch
@@ -224,74 +255,93 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
                 return json.load(f)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         start_epoch, step, history, wandb_id = state["epoch"], state["step"], state["history"], state.get("wandb_id")
-        print(f"resuming {run_dir} at epoch {start_epoch} (step {step})")
+        if lead:
+            print(f"resuming {run_dir} at epoch {start_epoch} (step {step})")
 
-    record = run_record(cfg_dict, overrides, device)
-    record.update(steps_per_epoch=per_epoch, total_steps=total_steps, epochs=num_epochs)
-    name = "run_record.json" if not start_epoch else f"run_record.resume{start_epoch}.json"
-    atomic_write_text(os.path.join(run_dir, name), json.dumps(record, indent=2, default=str))
-
-    trackers = [JsonlTracker(run_dir, history)]
-    if cfg.logger.name == "wandb":
-        trackers.append(WandbTracker(cfg, cfg_dict, record, run_dir, overrides, wandb_id))
-        wandb_id = trackers[-1].id
-    tracker = Trackers(trackers)
+    tracker = Tracker()
+    if lead:
+        record = run_record(cfg_dict, overrides, device)
+        record.update(steps_per_epoch=per_epoch, total_steps=total_steps, epochs=num_epochs, world_size=world)
+        name = "run_record.json" if not start_epoch else f"run_record.resume{start_epoch}.json"
+        atomic_write_text(os.path.join(run_dir, name), json.dumps(record, indent=2, default=str))
+        trackers = [JsonlTracker(run_dir, history)]
+        if cfg.logger.name == "wandb":
+            trackers.append(WandbTracker(cfg, cfg_dict, record, run_dir, overrides, wandb_id))
+            wandb_id = trackers[-1].id
+        tracker = Trackers(trackers)
+    show = lead and cfg.train.progress and cfg.logger.name != "none"
 
     stopped_early = False
     for epoch in range(start_epoch, num_epochs):
         steps = min(per_epoch, total_steps - step)
-        model.train()
+        net.train()
         loss_sum = torch.zeros((), device=device)
         err_sum = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         t0 = time.perf_counter()
         bar = tqdm(train_batches.epoch(epoch, steps), total=steps, desc=f"epoch {epoch + 1}/{num_epochs}",
-                   disable=not cfg.train.progress, leave=False, dynamic_ncols=True)
+                   disable=not show, leave=False, dynamic_ncols=True)
         for x, y in bar:
             progress = step / total_steps
             lr = step_lr(cfg.optim.lr, cfg.schedule.milestones, cfg.schedule.gamma, progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             norms.set_progress(model, progress)
-            loss, errors = train_step(model, optimizer, x, y, cfg.train.double_forward, autocast, forward)
+            loss, errors = train_step(net, optimizer, x, y, cfg.train.double_forward, autocast, forward)
             loss_sum += loss
             err_sum += errors
             seen += len(y)
             step += 1
-            if step % cfg.logger.log_every == 0:
-                live = {"train/loss": loss_sum.item() / seen, "train/err": 100.0 * err_sum.item() / seen, "lr": lr}
-                bar.set_postfix(loss=f"{live['train/loss']:.3f}", err=f"{live['train/err']:.1f}", lr=f"{lr:.3g}")
+            if lead and step % cfg.logger.log_every == 0:
+                live = {"train/loss_running": loss_sum.item() / seen, "train/err_running": 100.0 * err_sum.item() / seen,
+                        "lr": lr}
+                bar.set_postfix(loss=f"{live['train/loss_running']:.3f}", err=f"{live['train/err_running']:.1f}",
+                                lr=f"{lr:.3g}")
                 tracker.log_step(live, step)
         train_time = time.perf_counter() - t0
-        test = evaluate(model, test_batches, autocast, forward)
-        metrics = {"epoch": epoch + 1, "step": step, "lr": lr, **scheduled_values(model),
-                   "train_loss": loss_sum.item() / seen, "train_err": 100.0 * err_sum.item() / seen,
-                   "test_loss": test["loss"], "test_err": test["err"],
-                   "epoch_time": train_time, "images_per_s": seen / train_time}
-        history.append(metrics)
-        tracker.log_epoch(metrics, step)
-        tqdm.write(f"epoch {epoch + 1}/{num_epochs}  train loss {metrics['train_loss']:.4f} "
-                   f"err {metrics['train_err']:.2f}%  test loss {test['loss']:.4f} err {test['err']:.2f}%  "
-                   f"lr {lr:.3g}  {metrics['images_per_s']:.0f} img/s")
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "epoch": epoch + 1, "step": step, "rng": rng_state(), "config": cfg_dict,
-                                    "history": history, "wandb_id": wandb_id})
+        train_loss, train_err, seen = epoch_metrics(loss_sum, err_sum, seen, world)
+        if lead:
+            test = evaluate(model, test_batches, autocast, forward if world == 1 else None)
+            metrics = {"epoch": epoch + 1, "step": step, "lr": lr, **scheduled_values(model),
+                       "train_loss": train_loss, "train_err": train_err, "test_loss": test["loss"],
+                       "test_err": test["err"], "test_err5": test["err5"],
+                       "epoch_time": train_time, "images_per_s": seen / train_time}
+            history.append(metrics)
+            tracker.log_epoch(metrics, step)
+            if cfg.logger.name != "none":
+                tqdm.write(f"epoch {epoch + 1}/{num_epochs}  train loss {train_loss:.4f} err {train_err:.2f}%  "
+                           f"test loss {test['loss']:.4f} err {test['err']:.2f}%  lr {lr:.3g}  "
+                           f"{metrics['images_per_s']:.0f} img/s")
+        rngs = rng_state()
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rngs)
+            rngs = gathered
+        if lead:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                        "epoch": epoch + 1, "step": step, "rng": rngs, "config": cfg_dict,
+                                        "history": history, "wandb_id": wandb_id})
+        if world > 1:
+            dist.barrier()
         if cfg.train.stop_after and epoch + 1 - start_epoch >= cfg.train.stop_after and epoch + 1 < num_epochs:
             stopped_early = True
-            tqdm.write(f"stopping after {cfg.train.stop_after} epoch(s) as asked; continue with resume=true")
+            if lead:
+                tqdm.write(f"stopping after {cfg.train.stop_after} epoch(s) as asked; continue with resume=true")
             break
 
+    if not lead:
+        return {}
     summary = dict(history[-1]) if history else {}
     summary.update(finished=not stopped_early, epochs=num_epochs, total_steps=total_steps,
-                   wall_time=sum(h["epoch_time"] for h in history))
+                   wall_time=sum(h["epoch_time"] for h in history), world_size=world)
     if not stopped_early and any(hasattr(m, "eval_stats") for m in model.modules()):
         set_eval_stats(model, "running")
         summary["test_err_running"] = evaluate(model, test_batches, autocast)["err"]
         set_eval_stats(model, cfg.norm.eval_stats)
     if not stopped_early:
-        atomic_write_text(os.path.join(run_dir, "metrics.json"), json.dumps(summary, indent=2))
+        atomic_write_text(done_path, json.dumps(summary, indent=2))
         print(f"final test error {summary['test_err']:.2f}% after {step} steps ({num_epochs} epochs); "
               f"run dir {run_dir}")
     tracker.finish(summary)

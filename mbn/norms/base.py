@@ -1,9 +1,29 @@
 """What every batch-statistics normalizer shares: affine parameters, batch statistics, the
 `record` switch used by double forward, and the per-step schedule hook."""
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mbn import UserError
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def global_stats(mean: torch.Tensor, var: torch.Tensor, n: int):
+    """Mean and biased variance over the global batch from every rank's (mean, var, n): the
+    ranks' statistics are gathered (differentiably, so gradients reach every rank's inputs as
+    in SyncBatchNorm) and pooled exactly like groups of eq. 6 with α = 1."""
+    from torch.distributed.nn.functional import all_gather
+
+    from mbn.norms.mbn import combine_stats
+
+    means = torch.stack(all_gather(mean))
+    variances = torch.stack(all_gather(var))
+    counts = torch.stack(all_gather(torch.tensor(float(n), device=mean.device, dtype=mean.dtype)))
+    m, v = combine_stats(means, variances, counts)
+    return m, v, int(counts.sum().item())
 
 
 class BatchStatNorm(nn.Module):
@@ -30,7 +50,8 @@ class BatchStatNorm(nn.Module):
 
     def batch_stats(self, x: torch.Tensor):
         """Per-channel mean and biased variance of `x` in float32 (or float64), and the number
-        of values per channel. Differentiable."""
+        of values per channel, over the global batch when training with several processes.
+        Differentiable."""
         n = x.numel() // x.size(1)
         if n <= 1:
             raise UserError(
@@ -40,6 +61,8 @@ class BatchStatNorm(nn.Module):
             x = x.float()  # statistics and memory stay in fp32 under autocast
         dims = [0] + list(range(2, x.dim()))
         var, mean = torch.var_mean(x, dim=dims, correction=0)
+        if distributed():
+            return global_stats(mean, var, n)
         return mean, var, n
 
     def affine_apply(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from mbn.norms.base import BatchStatNorm
+from mbn.norms.base import BatchStatNorm, distributed
 
 
 class BatchNorm2d(BatchStatNorm):
@@ -26,6 +26,14 @@ class BatchNorm2d(BatchStatNorm):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
         self.batch_stats_check(x)
+        if distributed():  # statistics of the global batch
+            mean, var, n = self.batch_stats(x)
+            if self.record:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                    self.running_var.lerp_(var.detach().to(self.running_var.dtype) * (n / (n - 1)), self.momentum)
+            return self.affine_apply(x, mean, var)
         if self.record:
             self.num_batches_tracked.add_(1)
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
