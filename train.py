@@ -16,7 +16,7 @@ def main(cfg):
 
     hc = HydraConfig.get()
     try:
-        return fit(cfg, hc.runtime.output_dir, hc.overrides.task)["test_err"]
+        return fit(cfg, hc.runtime.output_dir, hc.overrides.task).get("test_err")  # for sweepers
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -331,6 +331,9 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
                 tqdm.write(f"stopping after {cfg.train.stop_after} epoch(s) as asked; continue with resume=true")
             break
 
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     if not lead:
         return {}
     summary = dict(history[-1]) if history else {}

@@ -83,6 +83,11 @@ class JsonlTracker(Tracker):
             f.write(json.dumps(metrics) + "\n")
 
 
+WANDB_NAMES = {"train_loss": "train/loss", "train_err": "train/err", "test_loss": "test/loss", "test_err": "test/err",
+               "test_err5": "test/err5", "lr": "hparams/lr", "lam": "hparams/lam", "r_max": "hparams/r_max",
+               "d_max": "hparams/d_max", "epoch_time": "perf/epoch_time", "images_per_s": "perf/images_per_s"}
+
+
 class WandbTracker(Tracker):
     def __init__(self, cfg, cfg_dict, record, run_dir, overrides, resume_id=None):
         import wandb  # only with logger=wandb
@@ -93,21 +98,31 @@ class WandbTracker(Tracker):
         tags = [cfg.model.name, cfg.norm.name, cfg.data.name, f"bs{cfg.train.batch_size}"]
         self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode,
                               dir=run_dir, config=cfg_dict, group=cfg.name, tags=tags,
-                              name=",".join(overrides) or cfg.name, id=resume_id,
+                              name=run_name(overrides) or cfg.name, id=resume_id,
                               resume="allow" if resume_id else None, reinit="finish_previous")
         self.run.summary["run_record"] = record
         self.id = self.run.id
+        # epoch curves plot against the epoch, so runs of different batch sizes line up
+        self.run.define_metric("epoch")
+        for prefix in ("train/*", "test/*", "hparams/*"):
+            self.run.define_metric(prefix, step_metric="epoch")
 
     def log_step(self, metrics, step):
-        self.run.log(metrics, step=step)
+        self.run.log({"step/" + k.replace("/", "_"): v for k, v in metrics.items()}, step=step)
 
     def log_epoch(self, metrics, step):
-        self.run.log(metrics, step=step)
+        self.run.log({WANDB_NAMES.get(k, k): v for k, v in metrics.items()}, step=step)
 
     def finish(self, summary):
         for k, v in summary.items():
-            self.run.summary[k] = v
+            self.run.summary[WANDB_NAMES.get(k, k)] = v
         self.run.finish()
+
+
+def run_name(overrides) -> str:
+    """The overrides that define the run (not where it logs or how often)."""
+    skip = ("logger", "train.progress", "train.stop_after", "resume", "hydra", "data.root", "device", "name")
+    return ",".join(o for o in overrides if not o.lstrip("+~").startswith(skip))
 
 
 def _has_netrc_key():
