@@ -18,7 +18,8 @@ USAGE = "usage: python eval.py run_dir=<dir> | ckpt=<file> [eval_stats=both|memo
 
 def evaluate_checkpoint(path, eval_stats="both", device=None, data_root=None) -> dict:
     from mbn.data import make_loaders
-    from mbn.engine import autocast_for, evaluate, load_checkpoint, make_model, resolve_device, set_eval_stats
+    from mbn.engine import (autocast_for, evaluate, load_checkpoint, make_model, resolve_device, resolve_perf,
+                            set_eval_stats)
 
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
@@ -30,7 +31,7 @@ def evaluate_checkpoint(path, eval_stats="both", device=None, data_root=None) ->
     batches = make_loaders(cfg, dev)[1]
     model = make_model(cfg).to(dev)
     model.load_state_dict(state["model"])
-    autocast = autocast_for(cfg, dev)
+    autocast = autocast_for(resolve_perf(cfg.perf, dev), dev)
     has_memory = any(hasattr(m, "eval_stats") for m in model.modules())
     modes = ["memory", "running"] if eval_stats == "both" else [eval_stats]
     if eval_stats not in ("both", "memory", "running"):

@@ -66,10 +66,12 @@ class TrainConfig:
 
 @dataclass
 class PerfConfig:
-    precision: str = "fp32"          # fp32 | bf16 (autocast; normalizer statistics stay fp32)
-    channels_last: bool = False
-    compile: bool = False
-    compile_mode: str = "default"    # default | reduce-overhead | max-autotune
+    """null/auto = the fast setting on a GPU (bf16 autocast, channels_last, torch.compile) and the
+    exact one on a CPU (fp32, eager). Normalizer statistics and memory always stay fp32."""
+    precision: str = "auto"          # auto | fp32 | bf16
+    channels_last: Optional[bool] = None
+    compile: Optional[bool] = None
+    compile_mode: str = "default"    # default | reduce-overhead (CUDA graphs) | max-autotune
 
 
 @dataclass

@@ -176,13 +176,12 @@ class Batches:
             yield x, y
 
 
-def make_loaders(cfg, device, rank: int = 0, world: int = 1):
+def make_loaders(cfg, device, rank: int = 0, world: int = 1, channels_last: bool = False):
     """(train batches, test batches) for the configured dataset."""
-    channels_last = cfg.perf.channels_last
     if cfg.data.name == "imagenet":
         from mbn.imagenet import imagenet_loaders
 
-        return imagenet_loaders(cfg, device, rank, world)
+        return imagenet_loaders(cfg, device, rank, world, channels_last)
     train, test = load_dataset(cfg.data)
     mean, std = channel_stats(train.images)
     return (Batches(train, cfg.train.batch_size, mean, std, device, True, cfg.data.augment, cfg.seed,

@@ -69,11 +69,21 @@ def make_optimizer(cfg, model):
                            nesterov=o.nesterov)
 
 
-def autocast_for(cfg, device):
-    if cfg.perf.precision == "bf16":
+def resolve_perf(perf, device) -> dict:
+    """Fill the `auto` (null) performance settings for the device: fast on GPU, exact on CPU."""
+    gpu = device.type == "cuda"
+    precision = perf.precision if perf.precision != "auto" else ("bf16" if gpu else "fp32")
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"perf.precision must be auto, fp32 or bf16, got {perf.precision!r}")
+    return {"precision": precision,
+            "channels_last": gpu if perf.channels_last is None else perf.channels_last,
+            "compile": gpu if perf.compile is None else perf.compile,
+            "compile_mode": perf.compile_mode}
+
+
+def autocast_for(perf: dict, device):
+    if perf["precision"] == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    if cfg.perf.precision != "fp32":
-        raise UserError(f"perf.precision must be fp32 or bf16, got {cfg.perf.precision!r}")
     return contextlib.nullcontext
 
 
@@ -83,7 +93,7 @@ def train_step(model, optimizer, x, y, double_forward: bool, autocast=contextlib
     (Algorithm 1): train without recording, step, then record with a second no-grad forward on
     the same batch, so stored statistics come from the updated weights. Returns the summed loss
     and number of errors as device tensors (no host synchronisation)."""
-    forward = forward or model
+    forward = model if forward is None else forward
     with recording(model, not double_forward), autocast():
         out = forward(x)
         loss = F.cross_entropy(out, y)
@@ -99,7 +109,7 @@ def train_step(model, optimizer, x, y, double_forward: bool, autocast=contextlib
 @torch.no_grad()
 def evaluate(model, batches, autocast=contextlib.nullcontext, forward=None) -> dict:
     """Test loss, top-1 and top-5 error (%) in eval mode."""
-    forward = forward or model
+    forward = model if forward is None else forward
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=batches.device, dtype=torch.float64)
@@ -216,17 +226,18 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
     lead = rank == 0
     os.makedirs(run_dir, exist_ok=True)
     seed_everything(cfg.seed + rank, cfg.deterministic)  # data order is seeded separately, per epoch
-    autocast = autocast_for(cfg, device)
-    train_batches, test_batches = make_loaders(cfg, device, rank, world)
+    perf = resolve_perf(cfg.perf, device)
+    autocast = autocast_for(perf, device)
+    train_batches, test_batches = make_loaders(cfg, device, rank, world, perf["channels_last"])
 
     model = make_model(cfg).to(device)
-    if cfg.perf.channels_last:
+    if perf["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
     net = model
     if world > 1:  # statistics are synchronised inside the normalizers, buffers stay equal
         net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    forward = torch.compile(net, mode=cfg.perf.compile_mode) if cfg.perf.compile else net
+    forward = torch.compile(net, mode=perf["compile_mode"]) if perf["compile"] else net
 
     per_epoch = len(train_batches)
     total_steps = cfg.train.steps or cfg.train.epochs * per_epoch
@@ -263,7 +274,8 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
     tracker = Tracker()
     if lead:
         record = run_record(cfg_dict, overrides, device)
-        record.update(steps_per_epoch=per_epoch, total_steps=total_steps, epochs=num_epochs, world_size=world)
+        record.update(steps_per_epoch=per_epoch, total_steps=total_steps, epochs=num_epochs, world_size=world,
+                      perf=perf)
         name = "run_record.json" if not start_epoch else f"run_record.resume{start_epoch}.json"
         atomic_write_text(os.path.join(run_dir, name), json.dumps(record, indent=2, default=str))
         trackers = [JsonlTracker(run_dir, history)]

@@ -41,7 +41,7 @@ class LoaderBatches:
                    y.to(self.device, non_blocking=True))
 
 
-def imagenet_loaders(cfg, device, rank=0, world=1):
+def imagenet_loaders(cfg, device, rank=0, world=1, channels_last=False):
     from torchvision import datasets, transforms
 
     root, size = cfg.data.root, cfg.data.image_size
@@ -60,5 +60,5 @@ def imagenet_loaders(cfg, device, rank=0, world=1):
         raise UserError(f"{root}/train has {len(train.classes)} classes but data.num_classes={cfg.data.num_classes}; "
                         f"set data.num_classes={len(train.classes)}")
     workers = cfg.data.workers
-    return (LoaderBatches(train, cfg.train.batch_size, device, True, cfg.seed, rank, world, workers, cfg.perf.channels_last),
-            LoaderBatches(val, cfg.train.eval_batch_size, device, False, 0, 0, 1, workers, cfg.perf.channels_last))
+    return (LoaderBatches(train, cfg.train.batch_size, device, True, cfg.seed, rank, world, workers, channels_last),
+            LoaderBatches(val, cfg.train.eval_batch_size, device, False, 0, 0, 1, workers, channels_last))

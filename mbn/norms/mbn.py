@@ -56,6 +56,7 @@ class MemorizedBatchNorm2d(BatchStatNorm):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("_slots", torch.arange(k), persistent=False)  # a constant, not saved
 
     def reset_running_stats(self) -> None:
         self.mem_mean.zero_()
@@ -72,14 +73,15 @@ class MemorizedBatchNorm2d(BatchStatNorm):
 
     def slot_ages(self) -> torch.Tensor:
         """Age of every slot: 0 for the most recently recorded batch, k-1 for the oldest."""
-        slots = torch.arange(self.memory_size, device=self.mem_head.device)
-        return torch.remainder(self.mem_head - 1 - slots, self.memory_size)
+        return torch.remainder(self.mem_head - 1 - self._slots, self.memory_size)
 
     def memory_weights(self) -> torch.Tensor:
-        """α_i·n_i of eq. 6 for every slot during training: λ·η^age·n, zero for empty slots."""
-        age = self.slot_ages()
-        alpha = self.lam * torch.pow(torch.as_tensor(self.eta, dtype=self.mem_count.dtype), age)
-        return alpha * (age < self.mem_filled) * self.mem_count
+        """α_i·n_i of eq. 6 for every slot during training: λ·η^age·n (empty slots have n = 0)."""
+        return self.lam * self.decay(self.slot_ages()) * self.mem_count
+
+    def decay(self, age: torch.Tensor) -> torch.Tensor:
+        """η^age in the memory's dtype."""
+        return torch.pow(self.eta, age.to(self.mem_count.dtype))
 
     def memorized_stats(self, mean=None, var=None, n=None):
         """μ̂, σ̂² of eq. 6. With a current batch (training) it has α = 1; without one (inference)
@@ -91,10 +93,8 @@ class MemorizedBatchNorm2d(BatchStatNorm):
             variances = torch.cat([self.mem_var, var.to(self.mem_var.dtype)[None]])
             return combine_stats(means, variances, weights)
         age = self.slot_ages()
-        decay = torch.pow(torch.as_tensor(self.eta, dtype=self.mem_count.dtype), (age - 1).clamp(min=0))
-        alpha = torch.where(age == 0, torch.ones_like(decay), self.lam * decay)
-        weights = alpha * (age < self.mem_filled) * self.mem_count
-        return combine_stats(self.mem_mean, self.mem_var, weights)
+        alpha = torch.where(age == 0, torch.ones_like(self.mem_count), self.lam * self.decay((age - 1).clamp(min=0)))
+        return combine_stats(self.mem_mean, self.mem_var, alpha * self.mem_count)
 
     @torch.no_grad()
     def push(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
