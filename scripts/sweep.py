@@ -51,6 +51,8 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (joblib launcher)")
     ap.add_argument("--launcher", default=None, choices=["basic", "joblib", "slurm"],
                     help="Hydra launcher (default: joblib when --jobs > 1, else basic)")
+    ap.add_argument("--models", nargs="+", default=None,
+                    help="run only these models' cells (e.g. the ResNet-20 column of Table 1)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_intermixed_args(argv)
@@ -70,11 +72,16 @@ def main(argv=None):
             start_mps()
     for table in tables:
         grid = all_grids[table]
-        sweep = {"table": table, "epochs": args.epochs, "seeds": seeds, "extra": args.overrides}
+        sweep = {"table": table, "epochs": args.epochs, "seeds": seeds, "extra": args.overrides,
+                 "models": args.models}
         if not args.dry_run:
             with open(os.path.join(root, f"sweep_{table}.json"), "w") as f:
                 json.dump(sweep, f, indent=2)
         for block in grid.blocks:
+            if args.models:
+                block = dict(block, model=[m for m in block["model"] if m in args.models])
+                if not block["model"]:
+                    continue
             block_overrides = merge_overrides(multirun_overrides(block), args.overrides)
             cmd = [sys.executable, os.path.join(REPO, "train.py"), "-m", *block_overrides,
                    f"seed={','.join(map(str, seeds))}", f"train.epochs={args.epochs}", f"name={name}",
