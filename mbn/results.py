@@ -16,6 +16,8 @@ PAPER = os.path.join(REPO, "results", "paper.json")
 
 
 def compose(overrides):
+    """The job config Hydra would build for these overrides (launcher settings ignored)."""
+    overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -106,7 +108,7 @@ def table_rows(grid: Grid, cells, paper: dict):
             key = (tuple(r) if isinstance(r, list) else r, c)
             if key not in cells:
                 continue  # not defined by the method (NormProp on a ResNet)
-            errs = [run["summary"]["test_err"] for run in cells[key]]
+            errs = [run["summary"][grid.metric] for run in cells[key]]
             mean, std, n = mean_std(errs)
             ref = paper.get(label(key[0]), {}).get(label(c)) if paper else None
             rows.append({grid.row_label: label(key[0]), grid.col_label: label(c), "mean": mean, "std": std, "n": n,

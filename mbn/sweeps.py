@@ -23,6 +23,11 @@ class Grid:
     cols: Sequence = ()
     row_label: str = ""
     col_label: str = ""
+    metric: str = "test_err"  # final-epoch value reported
+    sweep: str = ""           # whose runs it reads (default: its own name)
+
+    def __post_init__(self):
+        self.sweep = self.sweep or self.name
 
 
 def _cifar_table(name, data):
@@ -30,6 +35,14 @@ def _cifar_table(name, data):
                 [{"data": [data], "model": MODELS, "norm": ["bn", "brn", "mbn"]},
                  {"data": [data], "model": ["nin", "vgg16"], "norm": ["normprop"]}],
                 row="norm.name", col="model.name", rows=NORMS, cols=MODELS, row_label="method", col_label="model")
+
+
+def _imagenet_table(name, metric, what):
+    return Grid(name, f"ImageNet {what} error (%), single crop (paper Table 3)",
+                [{"experiment": ["imagenet"], "model": ["vgg16_imagenet", "resnet18", "resnet34", "resnet50"],
+                  "norm": ["bn", "mbn"]}],
+                row="model.name", col="norm.name", rows=["vgg16_imagenet", "resnet18", "resnet34", "resnet50"],
+                cols=["bn", "mbn"], row_label="model", col_label="method", metric=metric, sweep="table3")
 
 
 def grids(epochs: int, steps_per_epoch: int = BS128_STEPS_PER_EPOCH) -> Dict[str, Grid]:
@@ -53,6 +66,8 @@ def grids(epochs: int, steps_per_epoch: int = BS128_STEPS_PER_EPOCH) -> Dict[str
              [{"model": ["resnet20"], "norm": ["mbn"], "norm.memory_size": [10, 20, 40]}],
              row="norm.memory_size", col="norm.name", rows=[10, 20, 40], cols=["mbn"],
              row_label="memory size", col_label="method"),
+        _imagenet_table("table3", "test_err", "top-1"),
+        _imagenet_table("table3_top5", "test_err5", "top-5"),
         Grid("figure1", "ResNet-56 CIFAR-10: single vs double forward (paper Figure 1)",
              [{"model": ["resnet56"], "norm": ["bn", "brn", "mbn"], "train.double_forward": [False, True]}],
              row="norm.name", col="train.double_forward", rows=["bn", "brn", "mbn"], cols=[False, True],

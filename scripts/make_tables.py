@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mbn.results import PAPER, REPO, lookup, provenance, read_json, render, table_rows  # noqa: E402
 from mbn.sweeps import grids  # noqa: E402
 
-TABLES = ["table1", "table2", "table4", "table5", "table6"]
+TABLES = ["table1", "table2", "table3", "table3_top5", "table4", "table5", "table6"]
 NOTES = {"table2": "CIFAR-100 is downloaded by torchvision where the internet is reachable; runs made "
                    "without it are missing here."}
 
@@ -30,9 +30,10 @@ def main(argv=None):
     paper = read_json(PAPER)
     written = []
     for table in args.tables:
-        sweep_file = os.path.join(args.runs, f"sweep_{table}.json")
+        source = grids(200)[table].sweep
+        sweep_file = os.path.join(args.runs, f"sweep_{source}.json")
         if not os.path.isfile(sweep_file):
-            print(f"[tables] {table}: no {sweep_file} (run scripts/sweep.py {table} first); skipped")
+            print(f"[tables] {table}: no {sweep_file} (run scripts/sweep.py {source} first); skipped")
             continue
         sweep = read_json(sweep_file)
         grid = grids(sweep["epochs"])[table]
