@@ -68,6 +68,22 @@ def lookup(grid: Grid, sweep: dict, runs_root: str) -> Dict[tuple, List[dict]]:
     return cells
 
 
+def load_grid(runs_root: str, name: str):
+    """(sweep, grid, cells, runs) for table/figure `name` from a runs directory, or None when
+    scripts/sweep.py left no sweep file there."""
+    from mbn.sweeps import grids
+
+    source = grids(200)[name].sweep
+    path = os.path.join(runs_root, f"sweep_{source}.json")
+    if not os.path.isfile(path):
+        print(f"[results] {name}: no {path} (run scripts/sweep.py {source} first); skipped")
+        return None
+    sweep = read_json(path)
+    grid = grids(sweep["epochs"])[name]
+    cells = lookup(grid, sweep, runs_root)
+    return sweep, grid, cells, [r for rs in cells.values() for r in rs]
+
+
 def _get(cfg, dotted):
     from omegaconf import OmegaConf
 

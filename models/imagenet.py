@@ -3,7 +3,7 @@
 import torchvision
 from torch import nn
 
-from models.vgg import VGG16
+from models.vgg import VGG16, make_features
 
 
 def _resnet(builder):
@@ -20,13 +20,6 @@ resnet50 = _resnet(torchvision.models.resnet50)
 
 
 def vgg16_imagenet(num_classes=1000, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU):
-    layers, cin = [], 3
-    for v in VGG16:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2))
-        else:
-            layers += [nn.Conv2d(cin, v, 3, padding=1, bias=False), norm_layer(v), act_layer()]
-            cin = v
-    model = torchvision.models.VGG(nn.Sequential(*layers), num_classes=num_classes)
+    model = torchvision.models.VGG(make_features(VGG16, norm_layer, act_layer), num_classes=num_classes)
     model.residual = False
     return model

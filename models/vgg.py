@@ -5,20 +5,25 @@ from torch import nn
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
+def make_features(layout, norm_layer, act_layer) -> nn.Sequential:
+    """3x3 conv -> norm -> activation for every number in `layout`, a 2x2 max-pool for every "M"."""
+    layers, cin = [], 3
+    for v in layout:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(cin, v, 3, padding=1, bias=False), norm_layer(v), act_layer()]
+            cin = v
+    return nn.Sequential(*layers)
+
+
 class VGG(nn.Module):
     residual = False
 
     def __init__(self, layout=VGG16, num_classes=10, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU):
         super().__init__()
-        layers, cin = [], 3
-        for v in layout:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(cin, v, 3, padding=1, bias=False), norm_layer(v), act_layer()]
-                cin = v
-        self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(cin, num_classes)
+        self.features = make_features(layout, norm_layer, act_layer)
+        self.classifier = nn.Linear([v for v in layout if v != "M"][-1], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -11,8 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mbn.results import PAPER, REPO, lookup, provenance, read_json, render, table_rows  # noqa: E402
-from mbn.sweeps import grids  # noqa: E402
+from mbn.results import PAPER, REPO, load_grid, provenance, read_json, render, table_rows  # noqa: E402
 
 TABLES = ["table1", "table2", "table3", "table3_top5", "table4", "table5", "table6"]
 NOTES = {"table2": "CIFAR-100 is downloaded by torchvision where the internet is reachable; runs made "
@@ -30,16 +29,11 @@ def main(argv=None):
     paper = read_json(PAPER)
     written = []
     for table in args.tables:
-        source = grids(200)[table].sweep
-        sweep_file = os.path.join(args.runs, f"sweep_{source}.json")
-        if not os.path.isfile(sweep_file):
-            print(f"[tables] {table}: no {sweep_file} (run scripts/sweep.py {source} first); skipped")
+        loaded = load_grid(args.runs, table)
+        if loaded is None:
             continue
-        sweep = read_json(sweep_file)
-        grid = grids(sweep["epochs"])[table]
-        cells = lookup(grid, sweep, args.runs)
+        sweep, grid, cells, runs = loaded
         rows = table_rows(grid, cells, paper.get(table, {}))
-        runs = [r for rs in cells.values() for r in rs]
         md, csv_text = render(grid, rows, provenance(runs, sweep), NOTES.get(table, ""))
         for ext, text in (("md", md), ("csv", csv_text)):
             path = os.path.join(out, f"{table}.{ext}")

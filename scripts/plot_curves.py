@@ -14,8 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mbn.results import REPO, curves, label, lookup, provenance, read_json  # noqa: E402
-from mbn.sweeps import grids  # noqa: E402
+from mbn.results import REPO, curves, load_grid, provenance  # noqa: E402
 
 COLORS = {"bn": "tab:blue", "brn": "tab:green", "mbn": "tab:red"}
 
@@ -76,14 +75,10 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     made = 0
     for name, draw in (("figure1", figure1), ("figure2", figure2)):
-        sweep_file = os.path.join(args.runs, f"sweep_{name}.json")
-        if not os.path.isfile(sweep_file):
-            print(f"[plot] {name}: no {sweep_file} (run scripts/sweep.py {name} first); skipped")
+        loaded = load_grid(args.runs, name)
+        if loaded is None:
             continue
-        sweep = read_json(sweep_file)
-        grid = grids(sweep["epochs"])[name]
-        cells = lookup(grid, sweep, args.runs)
-        runs = [r for rs in cells.values() for r in rs]
+        sweep, grid, cells, runs = loaded
         if not runs:
             print(f"[plot] {name}: no finished runs yet; skipped")
             continue

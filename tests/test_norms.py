@@ -47,20 +47,23 @@ def fill_memory(m, count, seed=100):
 
 
 # ------------------------------------------------------------------------------ MBN
-def test_lambda_zero_is_batch_norm_outputs_and_gradients():
-    m = mbn(lam=0.0)
-    fill_memory(m, 3)  # memory content must not matter when λ = 0
-    x = batch(seed=1, shift=2.0).requires_grad_()
-    g = batch(seed=2)
+def assert_equals_batch_norm(m, x, g, rtol, atol):
+    """Training output and gradients w.r.t. input, γ and β equal F.batch_norm's."""
+    x = x.requires_grad_()
     y = m(x)
-    gx, gw, gb = torch.autograd.grad(y, (x, m.weight, m.bias), g)
-
+    ours = (y, *torch.autograd.grad(y, (x, m.weight, m.bias), g))
     x2 = x.detach().clone().requires_grad_()
     w2, b2 = m.weight.detach().clone().requires_grad_(), m.bias.detach().clone().requires_grad_()
     y2 = F.batch_norm(x2, None, None, w2, b2, training=True, eps=m.eps)
-    gx2, gw2, gb2 = torch.autograd.grad(y2, (x2, w2, b2), g)
-    for a, b in ((y, y2), (gx, gx2), (gw, gw2), (gb, gb2)):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    ref = (y2, *torch.autograd.grad(y2, (x2, w2, b2), g))
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def test_lambda_zero_is_batch_norm_outputs_and_gradients():
+    m = mbn(lam=0.0)
+    fill_memory(m, 3)  # memory content must not matter when λ = 0
+    assert_equals_batch_norm(m, batch(seed=1, shift=2.0), batch(seed=2), 1e-12, 1e-12)
 
 
 def test_lambda_eta_one_equals_statistics_of_concatenated_batches():
@@ -299,15 +302,7 @@ def test_brn_with_rmax_1_dmax_0_is_batch_norm():
         m.running_std.fill_(0.2)
     m.set_progress(0.0)
     assert m.r_max.item() == 1.0 and m.d_max.item() == 0.0
-    x = batch(shift=1.0).requires_grad_()
-    g = batch(seed=9)
-    y = m(x)
-    gx, gw, gb = torch.autograd.grad(y, (x, m.weight, m.bias), g)
-    x2 = x.detach().clone().requires_grad_()
-    w2, b2 = m.weight.detach().clone().requires_grad_(), m.bias.detach().clone().requires_grad_()
-    y2 = F.batch_norm(x2, None, None, w2, b2, training=True, eps=m.eps)
-    for a, b in zip((y, gx, gw, gb), (y2, *torch.autograd.grad(y2, (x2, w2, b2), g))):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert_equals_batch_norm(m, batch(shift=1.0), batch(seed=9), 1e-10, 1e-12)
 
 
 def test_brn_no_gradient_through_r_and_d():
