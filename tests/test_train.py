@@ -185,3 +185,30 @@ def test_eval_cli_errors():
     assert r.returncode == 2 and "no checkpoint" in r.stderr and no_traceback(r)
     r = run_cli("eval.py")
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_run_killed_mid_epoch_resumes_to_the_identical_result(tmp_path):
+    """SIGKILL while training epoch 2 (after epoch 1's checkpoint), rerun the same command."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = TINY + ["train.epochs=2", "data.train_size=512", "norm=mbn"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli("train.py", *overrides, f"hydra.run.dir={straight}").returncode == 0
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "train.py", *overrides, f"hydra.run.dir={killed}"], env=env,
+                            cwd=env["PYTHONPATH"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # into epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(killed / "checkpoint.pt")["epoch"] == 1 and not (killed / "metrics.json").exists()
+    r = run_cli("train.py", *overrides, f"hydra.run.dir={killed}")
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr
+    a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(killed / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [h["test_loss"] for h in a["history"]] == [h["test_loss"] for h in b["history"]]

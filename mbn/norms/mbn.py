@@ -98,11 +98,12 @@ class MemorizedBatchNorm2d(BatchStatNorm):
 
     @torch.no_grad()
     def push(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-        """Record one batch's statistics in the ring buffer, overwriting the oldest slot."""
-        slot = self.mem_head.view(1)
-        self.mem_mean.index_copy_(0, slot, mean.to(self.mem_mean.dtype)[None])
-        self.mem_var.index_copy_(0, slot, var.to(self.mem_var.dtype)[None])
-        self.mem_count.index_fill_(0, slot, float(n))
+        """Record one batch's statistics in the ring buffer, overwriting the oldest slot. Masked
+        writes, not indexing: deterministic on every device and free of host syncs."""
+        slot = (self._slots == self.mem_head)
+        self.mem_mean.copy_(torch.where(slot[:, None], mean.to(self.mem_mean.dtype), self.mem_mean))
+        self.mem_var.copy_(torch.where(slot[:, None], var.to(self.mem_var.dtype), self.mem_var))
+        self.mem_count.masked_fill_(slot, float(n))
         self.mem_head.copy_(torch.remainder(self.mem_head + 1, self.memory_size))
         self.mem_filled.copy_((self.mem_filled + 1).clamp(max=self.memory_size))
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
