@@ -285,6 +285,7 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
         tracker = Trackers(trackers)
     show = lead and cfg.train.progress and cfg.logger.name != "none"
 
+    scheduled = norms.norm_layers(model)
     stopped_early = False
     for epoch in range(start_epoch, num_epochs):
         steps = min(per_epoch, total_steps - step)
@@ -300,7 +301,8 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
             lr = step_lr(cfg.optim.lr, cfg.schedule.milestones, cfg.schedule.gamma, progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            norms.set_progress(model, progress)
+            for layer in scheduled:
+                layer.set_progress(progress)
             loss, errors = train_step(net, optimizer, x, y, cfg.train.double_forward, autocast, forward)
             loss_sum += loss
             err_sum += errors

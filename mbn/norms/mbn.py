@@ -47,6 +47,7 @@ class MemorizedBatchNorm2d(BatchStatNorm):
         k = self.memory_size
         # λ is a tensor so that a schedule change never forces recompilation
         self.register_buffer("lam", torch.tensor(self.lam_values[0]))
+        self._lam_set = None
         self.register_buffer("mem_mean", torch.zeros(k, num_features))
         self.register_buffer("mem_var", torch.ones(k, num_features))
         self.register_buffer("mem_count", torch.zeros(k))
@@ -57,6 +58,10 @@ class MemorizedBatchNorm2d(BatchStatNorm):
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.register_buffer("_slots", torch.arange(k), persistent=False)  # a constant, not saved
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._lam_set = None  # λ came from the checkpoint: write it again at the next step
 
     def reset_running_stats(self) -> None:
         self.mem_mean.zero_()
@@ -69,7 +74,10 @@ class MemorizedBatchNorm2d(BatchStatNorm):
         self.num_batches_tracked.zero_()
 
     def set_progress(self, progress: float) -> None:
-        self.lam.fill_(piecewise(self.lam_values, self.lam_milestones, progress))
+        lam = piecewise(self.lam_values, self.lam_milestones, progress)
+        if lam != self._lam_set:  # a device write only when λ changes
+            self.lam.fill_(lam)
+            self._lam_set = lam
 
     def slot_ages(self) -> torch.Tensor:
         """Age of every slot: 0 for the most recently recorded batch, k-1 for the oldest."""
