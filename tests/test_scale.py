@@ -188,7 +188,9 @@ def _ddp_worker(rank, kind, port, queue):
     part = slice(4 * rank, 4 * rank + 4)
     out, grads, _ = _tiny_grads(ddp, x[part], y[part])
     buffers = dict(net.named_buffers())
-    queue.put((rank, out, [g.clone() for g in grads], {k: v.clone() for k, v in buffers.items()}))
+    # numpy arrays travel by value: torch tensors would be shared through file descriptors that
+    # vanish when this process exits
+    queue.put((rank, out.numpy(), [g.numpy() for g in grads], {k: v.numpy() for k, v in buffers.items()}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -211,6 +213,8 @@ def test_synchronised_statistics_and_gradients_are_exact_in_float64(kind):
     for p in procs:
         p.join(timeout=60)
     for rank, (out, grads, buffers) in results.items():
+        out, grads = torch.from_numpy(out), [torch.from_numpy(g) for g in grads]
+        buffers = {k: torch.from_numpy(v) for k, v in buffers.items()}
         torch.testing.assert_close(out, ref_out[4 * rank:4 * rank + 4], rtol=1e-12, atol=1e-12)
         for g, ref in zip(grads, ref_grads):
             torch.testing.assert_close(g, ref, rtol=1e-10, atol=1e-14)
