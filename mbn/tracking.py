@@ -35,6 +35,11 @@ def git_state(repo: str = REPO):
         return {"commit": None, "dirty": None}
 
 
+# The code a process runs is the code it imported: read the commit once, at import, so that every
+# job of a long multirun records the commit it actually runs, not whatever HEAD is by then.
+GIT_AT_IMPORT = git_state()
+
+
 def versions():
     import hydra
     import torchvision
@@ -53,7 +58,7 @@ def device_name(device: torch.device) -> str:
 
 def run_record(cfg_dict: dict, overrides, device: torch.device) -> dict:
     return {"config": cfg_dict, "overrides": list(overrides), "command": " ".join(sys.argv),
-            "git": git_state(), "versions": versions(), "device": device_name(device),
+            "git": GIT_AT_IMPORT, "versions": versions(), "device": device_name(device),
             "hostname": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
