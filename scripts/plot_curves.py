@@ -5,6 +5,7 @@
 Curves are the mean over seeds; the band spans the seeds' min and max."""
 import argparse
 import os
+import textwrap
 import sys
 
 import matplotlib
@@ -27,9 +28,9 @@ def band(ax, runs, key, color, lw, name, ls="-"):
 
 
 def caption(fig, prov):
-    fig.text(0.01, 0.005, f"{prov['schedule']}; seeds per curve ≤ {prov['seeds asked']}; "
-             f"{', '.join(prov['devices'])}; commits {', '.join(prov['commits'])}; "
-             f"overrides: {prov['extra overrides']}", fontsize=7)
+    text = (f"{prov['schedule']}; seeds per curve ≤ {prov['seeds asked']}; {', '.join(prov['devices'])}; "
+            f"commits {', '.join(prov['commits'])}; overrides: {prov['extra overrides']}")
+    fig.text(0.01, 0.005, textwrap.fill(text, int(fig.get_figwidth() * 16)), fontsize=7, va="bottom")
 
 
 def figure1(cells, grid, prov, path):
@@ -42,14 +43,14 @@ def figure1(cells, grid, prov, path):
     ax.grid(alpha=0.3)
     ax.legend()
     caption(fig, prov)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def figure2(cells, grid, prov, path):
     models = [m for m in grid.rows if any(cells.get((m, n)) for n in grid.cols)] or list(grid.rows)
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(7, 5 * len(models)), 4.6), squeeze=False)
     for ax, model in zip(axes[0], models):
         for norm in grid.cols:
             runs = cells.get((model, norm)) or []
@@ -61,7 +62,7 @@ def figure2(cells, grid, prov, path):
         ax.legend(fontsize=8)
     fig.suptitle(grid.title)
     caption(fig, prov)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
