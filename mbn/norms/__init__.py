@@ -137,7 +137,3 @@ def bind_convs(model: nn.Module) -> None:
 def norm_layers(model: nn.Module):
     return [m for m in model.modules() if hasattr(m, "set_progress")]
 
-
-def set_progress(model: nn.Module, progress: float) -> None:
-    for m in norm_layers(model):
-        m.set_progress(progress)

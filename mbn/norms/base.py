@@ -12,18 +12,17 @@ def distributed() -> bool:
 
 
 def global_stats(mean: torch.Tensor, var: torch.Tensor, n: int):
-    """Mean and biased variance over the global batch from every rank's (mean, var, n): the
-    ranks' statistics are gathered (differentiably, so gradients reach every rank's inputs as
-    in SyncBatchNorm) and pooled exactly like groups of eq. 6 with α = 1. No host sync."""
+    """Mean and biased variance over the global batch from every rank's (mean, var): gathered
+    in one collective (differentiably, so gradients reach every rank's inputs as in
+    SyncBatchNorm) and pooled exactly like groups of eq. 6 with α = 1. Our loaders give every
+    rank the same batch size, so the groups weigh the same. No host sync."""
     from torch.distributed.nn.functional import all_gather
 
     from mbn.norms.mbn import combine_stats
 
-    means = torch.stack(all_gather(mean))
-    variances = torch.stack(all_gather(var))
-    counts = torch.stack(all_gather(torch.tensor(float(n), device=mean.device, dtype=mean.dtype)))
-    m, v = combine_stats(means, variances, counts)
-    return m, v, n * dist.get_world_size()  # our loaders give every rank the same batch size
+    gathered = torch.stack(all_gather(torch.stack([mean, var])))  # (world, 2, C)
+    m, v = combine_stats(gathered[:, 0], gathered[:, 1], torch.ones_like(gathered[:, 0, 0]))
+    return m, v, n * dist.get_world_size()
 
 
 class BatchStatNorm(nn.Module):
@@ -76,6 +75,14 @@ class BatchStatNorm(nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         y = x.to(scale.dtype) * scale.view(shape) + shift.view(shape)
         return y.to(x.dtype)
+
+    @torch.no_grad()
+    def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        """BN's running averages (running_mean, unbiased running_var, num_batches_tracked) for
+        the subclasses that keep them."""
+        self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+        self.running_var.lerp_(var.detach().to(self.running_var.dtype) * (n / (n - 1)), self.momentum)
+        self.num_batches_tracked.add_(1)
 
     def set_progress(self, progress: float) -> None:
         """Called by the training loop before every step with the fraction of training done;

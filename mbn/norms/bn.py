@@ -29,10 +29,7 @@ class BatchNorm2d(BatchStatNorm):
         if distributed():  # statistics of the global batch
             mean, var, n = self.batch_stats(x)
             if self.record:
-                with torch.no_grad():
-                    self.num_batches_tracked.add_(1)
-                    self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                    self.running_var.lerp_(var.detach().to(self.running_var.dtype) * (n / (n - 1)), self.momentum)
+                self.update_running_stats(mean, var, n)
             return self.affine_apply(x, mean, var)
         if self.record:
             self.num_batches_tracked.add_(1)

@@ -114,9 +114,7 @@ class MemorizedBatchNorm2d(BatchStatNorm):
         self.mem_count.masked_fill_(slot, float(n))
         self.mem_head.copy_(torch.remainder(self.mem_head + 1, self.memory_size))
         self.mem_filled.copy_((self.mem_filled + 1).clamp(max=self.memory_size))
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-        self.running_var.lerp_(var.to(self.running_var.dtype) * (n / (n - 1)), self.momentum)
-        self.num_batches_tracked.add_(1)
+        self.update_running_stats(mean, var, n)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
