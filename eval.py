@@ -18,7 +18,8 @@ USAGE = "usage: python eval.py run_dir=<dir> | ckpt=<file> [eval_stats=both|memo
 
 def evaluate_checkpoint(path, eval_stats="both", device=None, data_root=None) -> dict:
     from mbn.data import make_loaders
-    from mbn.engine import (autocast_for, evaluate, load_checkpoint, make_model, resolve_device, resolve_perf,
+    from mbn.checkpoint import load_checkpoint
+    from mbn.engine import (autocast_for, evaluate, make_model, resolve_device, resolve_perf,
                             set_eval_stats)
 
     if not os.path.isfile(path):

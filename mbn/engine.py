@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+
 import time
 
 import numpy as np
@@ -15,15 +16,13 @@ from tqdm import tqdm
 
 import models
 from mbn import UserError, norms
+from mbn.checkpoint import (CHECKPOINT, config_differences, load_checkpoint, rng_state, save_checkpoint,
+                            set_rng_state)
 from mbn.data import make_loaders
 from mbn.double_forward import recording
 from mbn.schedules import step_lr
 from mbn.tracking import JsonlTracker, Tracker, Trackers, WandbTracker, atomic_write_text, run_record
 
-CHECKPOINT = "checkpoint.pt"
-# keys that may differ between a checkpoint and the run that resumes it
-RESUME_FREE = ("resume", "train.stop_after", "train.progress", "logger", "data.root", "data.download",
-               "device", "train.eval_batch_size")
 
 
 # ------------------------------------------------------------------------------ building
@@ -142,52 +141,6 @@ def scheduled_values(model) -> dict:
         if found:
             return found
     return {}
-
-
-# ----------------------------------------------------------------------------- checkpoint
-def rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temporary file, fsync, rename: a kill leaves the old or the new checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, device="cpu") -> dict:
-    return torch.load(path, map_location=device, weights_only=False)
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def config_differences(saved: dict, current: dict):
-    free = lambda k: any(k == f or k.startswith(f + ".") for f in RESUME_FREE)  # noqa: E731
-    a, b = _flatten(saved), _flatten(current)
-    return sorted(f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}"
-                  for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
 
 
 # ------------------------------------------------------------------------------- the loop

@@ -1,28 +1,33 @@
 """Run directories named by what the run *is*, not by how it was asked for: the same config
-reached from two sweeps lands in the same directory, so finished runs are reused."""
+reached from two sweeps lands in the same directory, so finished runs are reused.
+
+`RUN_FREE` is the one list of settings that do not change what a run computes: run ids, run
+names, the resume check and the tables all read it."""
 import hashlib
 import json
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# settings that do not change what is computed
-IGNORED = {"data": ("root", "download"), "train": ("stop_after", "progress", "eval_batch_size"),
-           "logger": None, "resume": None, "device": None, "name": None}
+RUN_FREE = ("hydra", "logger", "resume", "device", "name", "data.root", "data.download",
+            "train.stop_after", "train.progress", "train.eval_batch_size", "train.time_limit")
+
+
+def run_changing(key: str) -> bool:
+    """False for a dotted config key (or override key) that is, or lies under, a RUN_FREE entry."""
+    key = key.lstrip("+~")
+    return not any(key == f or key.startswith(f + ".") for f in RUN_FREE)
 
 
 def identity(cfg) -> dict:
     """The part of a config that determines a run's result."""
-    out = {}
-    for k in cfg:
-        if k == "hydra" or (k in IGNORED and IGNORED[k] is None):
-            continue
-        v = cfg[k]
-        if isinstance(v, (DictConfig, ListConfig)):
-            v = OmegaConf.to_container(v, resolve=True)
-        if k in IGNORED and isinstance(v, dict):
-            v = {kk: vv for kk, vv in v.items() if kk not in IGNORED[k]}
-        out[k] = v
-    return out
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+
+    def keep(d, prefix):
+        return {k: keep(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+                for k, v in d.items() if run_changing(prefix + k)}
+
+    return keep(cfg, "")
 
 
 def run_id(cfg) -> str:

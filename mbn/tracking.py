@@ -126,8 +126,9 @@ class WandbTracker(Tracker):
 
 def run_name(overrides) -> str:
     """The overrides that define the run (not where it logs or how often)."""
-    skip = ("logger", "train.progress", "train.stop_after", "resume", "hydra", "data.root", "device", "name")
-    return ",".join(o for o in overrides if not o.lstrip("+~").startswith(skip))
+    from mbn.naming import run_changing
+
+    return ",".join(o for o in overrides if run_changing(o.split("=", 1)[0]))
 
 
 def _has_netrc_key():

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from mbn.engine import fit, load_checkpoint, resolve_perf
+from mbn.checkpoint import load_checkpoint
+from mbn.engine import fit, resolve_perf
 from tests.conftest import TINY, make_cfg, run_cli
 
 FEW_STEPS = TINY + ["train.steps=3", "train.epochs=1", "norm=mbn", "logger=none"]

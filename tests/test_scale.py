@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from mbn.engine import fit, load_checkpoint
+from mbn.checkpoint import load_checkpoint
+from mbn.engine import fit
 from tests.conftest import REPO, TINY, make_cfg, run_cli
 
 

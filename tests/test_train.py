@@ -7,7 +7,8 @@ import torch
 
 import models
 from mbn import UserError
-from mbn.engine import fit, load_checkpoint, make_model
+from mbn.checkpoint import load_checkpoint
+from mbn.engine import fit, make_model
 from tests.conftest import TINY, make_cfg, run_cli
 
 MODEL_NAMES = ["resnet20", "resnet56", "vgg16", "nin"]
