@@ -1,4 +1,7 @@
-"""Train a model: python train.py model=resnet56 norm=mbn [data=cifar100] [experiment=smoke]"""
+"""Train a model: python train.py model=resnet56 norm=mbn [data=cifar100] [experiment=smoke]
+(`python train.py --help` describes the main keys)."""
+import os
+import shutil
 import sys
 
 import hydra
@@ -9,17 +12,46 @@ from mbn.config import register_configs
 
 register_configs()
 
+HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def fail(e: UserError):
+    """One line on stderr, no traceback; exit 2 (3 for a diverged run: mbn.tracking.Diverged)."""
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(getattr(e, "exit_code", 2))
+
+
+def discard_unstarted(run_dir: str) -> None:
+    """A run refused before it started leaves nothing behind: remove the run dir when all it
+    holds is what Hydra wrote into it (.hydra/), and its parents that are left empty."""
+    hydra_dir = os.path.join(run_dir, ".hydra")
+    if set(os.listdir(run_dir)) - {".hydra"} or (os.path.isdir(hydra_dir) and set(os.listdir(hydra_dir)) - HYDRA_FILES):
+        return
+    shutil.rmtree(hydra_dir, ignore_errors=True)
+    os.rmdir(run_dir)
+    top, parent = os.getcwd(), os.path.dirname(os.path.abspath(run_dir))
+    while parent.startswith(top + os.sep) and not os.listdir(parent):  # runs/<name>/ made for it
+        os.rmdir(parent)
+        parent = os.path.dirname(parent)
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg):
-    from mbn.engine import fit  # after Hydra has parsed the command line: fast --help
+    from mbn.validate import validate
 
     hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
     try:
-        return fit(cfg, hc.runtime.output_dir, hc.overrides.task).get("test_err")  # for sweepers
+        validate(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        discard_unstarted(run_dir)
+        fail(e)
+    from mbn.engine import fit  # after Hydra has parsed the command line: fast --help
+
+    try:
+        return fit(cfg, run_dir, hc.overrides.task).get("test_err")  # for sweepers
+    except UserError as e:
+        fail(e)
 
 
 if __name__ == "__main__":

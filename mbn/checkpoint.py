@@ -1,11 +1,16 @@
 """Checkpoints: atomic writes, every RNG, and the check that a checkpoint belongs to this config."""
+import contextlib
+import glob
 import os
 import random
+import shutil
 
 import numpy as np
 import torch
 
+from mbn import UserError
 from mbn.naming import run_changing
+from mbn.tracking import fault_point, reason
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -24,17 +29,46 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write to a temporary file, fsync, rename: a kill leaves the old or the new checkpoint."""
+    """Write to a temporary file, fsync, rename: a kill leaves the old or the new checkpoint. A
+    failed write (disk full) removes the temporary file, keeps the old checkpoint and ends in
+    one line. Temporary files of earlier processes killed while writing are removed."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            fault_point("checkpoint")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        kept = "the previous checkpoint is kept" if os.path.isfile(path) else "there is no earlier checkpoint"
+        raise UserError(f"could not write the checkpoint {path} ({reason(e)}; {free / 2**20:.0f} MiB free on "
+                        f"its disk); {kept}. Free space, then rerun the same command to continue") from None
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):
+        with contextlib.suppress(OSError):
+            os.remove(stale)
+
+
+REQUIRED = ("model", "optimizer", "epoch", "step", "config")
 
 
 def load_checkpoint(path: str, device="cpu") -> dict:
-    return torch.load(path, map_location=device, weights_only=False)
+    """A checkpoint written by save_checkpoint; anything else ends in one line naming the file."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    move = f"move it away (mv {path} {path}.bad) to start this run over"
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001  (garbage or a cut-short file raises anything unpickling can)
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason(e)}); {move}") from None
+    missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"{path} is not a checkpoint written by train.py (it lacks {', '.join(missing)}); {move}")
+    return state
 
 
 def _flatten(d, prefix=""):

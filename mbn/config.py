@@ -1,5 +1,6 @@
 """Structured config schemas behind `configs/`: Hydra rejects unknown keys and wrong types
-with its own clear message. Each yaml in a group starts from the schema registered here."""
+with its own clear message. Each yaml in a group starts from a schema registered here; the
+checks of values (ranges, lengths) are in mbn/validate.py."""
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -16,16 +17,33 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = MISSING              # cifar10 | cifar100 | synthetic
+    """What every dataset has; each dataset's schema below adds only the fields it reads, so a
+    config (and the run record) never lists settings that do not apply."""
+    name: str = MISSING              # cifar10 | cifar100 | synthetic | imagenet
     num_classes: int = 10
+
+
+@dataclass
+class CifarConfig(DataConfig):
     root: str = "data"               # holds cifar-10-batches-py/ or cifar-100-python/
     download: bool = True            # let torchvision download when the files are missing
     augment: bool = True             # pad-4 random crop + horizontal flip
-    train_size: int = 2048           # synthetic only
-    test_size: int = 512             # synthetic only
-    seed: int = 0                    # synthetic only: the dataset is a function of this seed
-    image_size: int = 224            # imagenet only: crop size
-    workers: int = 8                 # imagenet only: DataLoader worker processes
+
+
+@dataclass
+class SyntheticConfig(DataConfig):
+    augment: bool = True
+    train_size: int = 2048
+    test_size: int = 512
+    seed: int = 0                    # the dataset is a function of this seed
+
+
+@dataclass
+class ImageNetConfig(DataConfig):
+    root: str = "data/imagenet"      # ImageFolder tree: <root>/train/<class>/*, <root>/val/<class>/*
+    download: bool = False           # never downloaded
+    image_size: int = 224            # crop size
+    workers: int = 8                 # DataLoader worker processes
 
 
 @dataclass
@@ -62,6 +80,9 @@ class TrainConfig:
     double_forward: bool = MISSING   # train.yaml: ${norm.double_forward}, the paper's default
     stop_after: Optional[int] = None  # stop this invocation after N epochs (resume later)
     progress: bool = True            # tqdm bar
+    time_limit: Optional[float] = None  # seconds: end this invocation at the last epoch boundary
+                                     # that fits, with a checkpoint (resume later)
+    precise_batches: int = 200       # PreciseBN at the end: training batches for test_err_precise (0: off)
 
 
 @dataclass
@@ -71,7 +92,8 @@ class PerfConfig:
     precision: str = "auto"          # auto | fp32 | bf16
     channels_last: Optional[bool] = None
     compile: Optional[bool] = None
-    compile_mode: str = "default"    # default | reduce-overhead (CUDA graphs) | max-autotune
+    compile_mode: str = "default"    # default | reduce-overhead | max-autotune
+    cuda_graph: Optional[bool] = None  # the whole training step as one CUDA graph replay (auto: on CUDA)
 
 
 @dataclass
@@ -92,13 +114,17 @@ class Config:
     name: str = "default"            # experiment name: run dir, W&B group
 
 
+# Each yaml in a group starts from its schema (`defaults: - /<name>@_here_`). The schemas are
+# stored at the top level, not in the groups, so they are never offered as a choice (model=...).
+SCHEMAS = {"model_schema": ModelConfig, "data_cifar_schema": CifarConfig,
+           "data_synthetic_schema": SyntheticConfig, "data_imagenet_schema": ImageNetConfig,
+           "optim_schema": OptimConfig, "schedule_schema": ScheduleConfig, "logger_schema": LoggerConfig}
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-    cs.store(group="model", name="schema", node=ModelConfig)
-    cs.store(group="data", name="schema", node=DataConfig)
-    cs.store(group="optim", name="schema", node=OptimConfig)
-    cs.store(group="schedule", name="schema", node=ScheduleConfig)
-    cs.store(group="logger", name="schema", node=LoggerConfig)
+    for name, node in SCHEMAS.items():
+        cs.store(name=name, node=node)
     for name, spec in NORMS.items():
-        cs.store(group="norm", name=f"{name}_schema", node=spec.config)
+        cs.store(name=f"norm_{name}_schema", node=spec.config)

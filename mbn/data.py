@@ -29,13 +29,19 @@ class Split:
     labels: torch.Tensor  # (N,) int64
 
 
-def _read_pickles(folder, names, label_key):
+def _read_pickles(folder, names, label_key, rebuild):
     images, labels = [], []
     for name in names:
-        with open(os.path.join(folder, name), "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(entry[label_key])
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(entry[label_key])
+        except Exception as e:  # noqa: BLE001  (a cut-short or foreign file fails in many ways)
+            text = str(e).strip().splitlines()
+            raise UserError(f"{path} is unreadable ({type(e).__name__}{': ' + text[0] if text else ''}); "
+                            f"{rebuild}") from None
     return Split(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long))
 
 
@@ -44,29 +50,38 @@ def load_cifar(name: str, root: str, download: bool = False):
     pixel-exact but cannot carry torchvision's checksums). Returns (train, test) Splits."""
     folder_name, train_files, test_files, label_key = LAYOUT[name]
     folder = os.path.join(root, folder_name)
-    missing = [f for f in train_files + test_files if not os.path.isfile(os.path.join(folder, f))]
+    expected = train_files + test_files
+    missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
+    failed = None
     if missing and download:
-        _download(name, root)
-        missing = [f for f in train_files + test_files if not os.path.isfile(os.path.join(folder, f))]
+        failed = _download(name, root)
+        missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
     if missing:
+        what = (f"{name} not found in {folder}/" if len(missing) == len(expected) else
+                f"{name} is incomplete: {folder}/ lacks {', '.join(missing)}")
         how = "set data.root=<dir holding it>"
         how += (", or " + OFFLINE_HINT.format(root=root)) if name == "cifar10" else ""
-        how += ", or run with data.download=true where the internet is reachable"
-        raise UserError(f"{name} not found: expected {folder}/ with {', '.join(train_files + test_files)} "
-                        f"(torchvision's layout); {how}")
-    train = _read_pickles(folder, train_files, label_key)
-    test = _read_pickles(folder, test_files, label_key)
+        how += (f"; downloading it failed ({failed})" if failed else
+                ", or run with data.download=true where the internet is reachable" if not download else "")
+        raise UserError(f"{what} (torchvision's layout: {', '.join(expected)}); {how}")
+    rebuild = (OFFLINE_HINT.format(root=root) if name == "cifar10" else
+               f"delete {folder}/ and rerun{'' if download else ' with data.download=true'} to download it again")
+    train = _read_pickles(folder, train_files, label_key, rebuild)
+    test = _read_pickles(folder, test_files, label_key, rebuild)
     return train, test
 
 
 def _download(name, root):
+    """torchvision's download; None on success, else why it failed (for the error message)."""
     import torchvision
 
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     try:
         cls(root, train=True, download=True)
-    except Exception as e:  # offline, proxy, disk: all end in the same advice
-        print(f"[data] could not download {name} into {root}: {type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001  (offline, proxy, disk: all end in the same advice)
+        text = str(e).strip().splitlines()
+        return f"{type(e).__name__}{': ' + text[0] if text else ''}"
+    return None
 
 
 def synthetic(num_classes: int, train_size: int, test_size: int, seed: int = 0):
@@ -124,16 +139,24 @@ def crop_flip(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, pad:
 
 
 class Batches:
-    """Iterates over a device-resident split. Training: reshuffled every epoch, last partial
-    batch dropped (static shapes, no tiny last batch), optional crop + flip. With several
-    processes every rank draws the same global batch and keeps its slice, so the global batch
-    equals a single-process run's."""
+    """A device-resident split served in fixed-size batches by device ops alone, so that a CUDA
+    graph can capture the batch together with the step that consumes it.
+
+    `start_epoch(e)` makes the epoch's plan on the device — the permutation and every sample's
+    crop/flip offsets, seeded by (seed, epoch), so a resumed run sees exactly the same data — and
+    rewinds a device cursor; each `next_batch()` gathers the cursor's batch and advances it.
+    Training: reshuffled every epoch, the last partial batch dropped (static shapes). Evaluation:
+    in order, the last batch padded and `valid` marking its real samples (never dropped). With
+    several processes every rank draws the same global batch and keeps its slice, so the global
+    batch equals a single-process run's."""
+
+    capturable = True
 
     def __init__(self, split: Split, batch_size: int, mean, std, device, train: bool, augment: bool,
-                 seed: int = 0, channels_last: bool = False, rank: int = 0, world: int = 1):
+                 seed: int = 0, channels_last: bool = False, rank: int = 0, world: int = 1, pad: int = 4):
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
-        self.batch_size, self.train, self.augment, self.seed = batch_size, train, augment, seed
+        self.batch_size, self.train, self.augment, self.seed, self.pad = batch_size, train, augment, seed, pad
         self.device = torch.device(device)
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -148,6 +171,14 @@ class Batches:
         self.num_batches = n // batch_size if train else math.ceil(n / batch_size)
         self.num_samples = n
         self.rank, self.world = rank, world
+        # the plan: static tensors, rewritten in place every epoch
+        shape = (self.num_batches, batch_size)
+        self.order = torch.arange(self.num_batches * batch_size, device=device).remainder(n).view(shape)
+        self.valid = (torch.arange(self.num_batches * batch_size, device=device) < n).view(shape)
+        size = split.images.size(-1)
+        self.rows = torch.arange(pad, pad + size, device=device).expand(*shape, size).clone()
+        self.cols = self.rows.clone()
+        self.cursor = torch.zeros(1, dtype=torch.long, device=device)
 
     def __len__(self):
         return self.num_batches
@@ -157,23 +188,45 @@ class Batches:
         g.manual_seed(self.seed * 1_000_003 + epoch)
         return g
 
+    def start_epoch(self, epoch: int = 0) -> None:
+        if self.train:
+            g = self.generator(epoch)
+            n, used = self.num_samples, self.order.numel()
+            self.order.copy_(torch.randperm(n, generator=g, device=self.device)[:used].view_as(self.order))
+            if self.augment:
+                rows, cols = crop_flip_indices(used, self.images.size(-1), self.pad, g, self.device)
+                self.rows.copy_(rows.view_as(self.rows))
+                self.cols.copy_(cols.view_as(self.cols))
+        self.cursor.zero_()
+
+    def next_batch(self):
+        """(x, y, valid) of the cursor's batch, normalized, in the model's memory format."""
+        idx = self.order.index_select(0, self.cursor).view(-1)
+        valid = self.valid.index_select(0, self.cursor).view(-1)
+        x, y = self.images.index_select(0, idx), self.labels.index_select(0, idx)
+        if self.train and self.augment:
+            x = crop_flip(x, self.rows.index_select(0, self.cursor)[0], self.cols.index_select(0, self.cursor)[0],
+                          self.pad)
+        if self.world > 1 and self.train:
+            part = slice(self.rank * len(y) // self.world, (self.rank + 1) * len(y) // self.world)
+            x, y, valid = x[part], y[part], valid[part]
+        self.cursor.add_(1)
+        x = ((x.float() / 255 - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        return x, y, valid
+
     def epoch(self, epoch: int = 0, num_batches: int = None):
-        n = len(self.labels)
-        g = self.generator(epoch) if self.train else None
-        order = torch.randperm(n, generator=g, device=self.device) if self.train else None
+        """Iterate over (x, y) host-side (the last evaluation batch trimmed to its real samples)."""
+        self.start_epoch(epoch)
         for i in range(num_batches if num_batches is not None else self.num_batches):
-            sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
-            idx = order[sl] if order is not None else None
-            x = self.images[idx] if idx is not None else self.images[sl]
-            y = self.labels[idx] if idx is not None else self.labels[sl]
-            if self.train and self.augment:
-                rows, cols = crop_flip_indices(x.size(0), 32, 4, g, self.device)
-                x = crop_flip(x, rows, cols, 4)
-            if self.world > 1 and self.train:
-                part = slice(self.rank * len(y) // self.world, (self.rank + 1) * len(y) // self.world)
-                x, y = x[part], y[part]
-            x = ((x.float() / 255 - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-            yield x, y
+            x, y, _ = self.next_batch()
+            real = min(self.batch_size, self.num_samples - i * self.batch_size) if not self.train else len(y)
+            yield x[:real], y[:real]
+
+    def resized(self, batch_size: int) -> "Batches":
+        """The same split, augmentation and seed in batches of another size (PreciseBN)."""
+        split = Split(self.images, self.labels)
+        return Batches(split, batch_size, self.mean.view(-1), self.std.view(-1), self.device, self.train, self.augment,
+                       self.seed, self.memory_format == torch.channels_last, 0, 1, self.pad)
 
 
 def make_loaders(cfg, device, rank: int = 0, world: int = 1, channels_last: bool = False):

@@ -12,7 +12,10 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the usual ImageNet s
 
 class LoaderBatches:
     """Same interface as mbn.data.Batches over a DataLoader: epoch(e) yields device batches;
-    shuffling is a function of (seed, epoch), sharded over ranks by a DistributedSampler."""
+    shuffling is a function of (seed, epoch), sharded over ranks by a DistributedSampler. Batches
+    come from the host, so a CUDA graph cannot capture them (`capturable` is False)."""
+
+    capturable = False
 
     def __init__(self, dataset, batch_size, device, train, seed, rank, world, workers, channels_last):
         self.device = torch.device(device)
@@ -29,6 +32,16 @@ class LoaderBatches:
 
     def __len__(self):
         return self.num_batches
+
+    def start_epoch(self, epoch: int = 0) -> None:
+        self._batches = self.epoch(epoch)
+
+    def next_batch(self):
+        x, y = next(self._batches)
+        return x, y, torch.ones_like(y, dtype=torch.bool)
+
+    def resized(self, batch_size: int):
+        return self
 
     def epoch(self, epoch: int = 0, num_batches: int = None):
         if self.sampler is not None:

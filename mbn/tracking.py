@@ -1,24 +1,133 @@
 """Where results go: metrics.jsonl (the record every table is built from), the run record
 (config, git commit, versions), the console, and optionally W&B."""
+import contextlib
 import json
+import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
 
 import torch
 
+from mbn import UserError
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def atomic_write_text(path: str, text: str) -> None:
+    """Write to a temporary file, fsync, rename: a reader sees the old or the new text, never a part."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise write_error(path, e) from None
+
+
+def write_error(path: str, e: Exception) -> UserError:
+    """One line for a file that could not be written (disk full, read-only, gone)."""
+    return UserError(f"could not write {path}: {reason(e)}; free space (or fix the directory), then rerun "
+                     "the same command to continue from the last checkpoint")
+
+
+def reason(e: Exception) -> str:
+    """An exception's first line, for a one-line message."""
+    text = getattr(e, "strerror", None) or str(e)
+    return text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+
+
+# ------------------------------------------------------------------------------ strict JSON
+def finite(obj):
+    """obj as plain JSON values: every NaN or infinity becomes None (strict JSON has neither),
+    numpy and tensor scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalar
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def to_json(obj, **kwargs) -> str:
+    """The one JSON encoder of every file a run writes: non-finite numbers are null, anything
+    else unknown is written as its str()."""
+    return json.dumps(finite(obj), allow_nan=False, default=str, **kwargs)
+
+
+def write_json(path: str, obj) -> None:
+    """metrics.json, run records: strict JSON, written atomically."""
+    atomic_write_text(path, to_json(obj, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------ divergence
+class Diverged(UserError):
+    """The training loss stopped being finite. Entry points exit with status 3."""
+    exit_code = 3
+
+
+def stop_if_diverged(train_loss: float, epoch: int, step: int, run_dir=None) -> None:
+    """Called at the end of every epoch, before its checkpoint is written: a non-finite training
+    loss ends the run there, so the checkpoint of the last good epoch is the one kept. With
+    run_dir (rank 0), metrics.json records the divergence (status "diverged", not finished)."""
+    if math.isfinite(train_loss):
+        return
+    if run_dir is not None:
+        write_json(os.path.join(run_dir, "metrics.json"),
+                   {"status": "diverged", "finished": False, "epoch": epoch, "step": step,
+                    "train_loss": train_loss, "last_good_epoch": epoch - 1})
+    kept = f"its checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no checkpoint was written"
+    raise Diverged(f"training diverged: the training loss of epoch {epoch} (up to step {step}) is {train_loss}; "
+                   f"{kept}. Start a new run (another hydra.run.dir) with a smaller optim.lr")
+
+
+# ------------------------------------------------------------------------------ console
+SYMBOLS = {"lam": "λ"}
+
+
+def progress_postfix(lr: float, scheduled: dict, loss=None, err=None) -> dict:
+    """The progress bar's postfix: running loss and error when known, the current lr and every
+    scheduled normalizer value (λ, r_max, d_max), e.g. {"loss": "2.301", "lr": "0.1", "λ": "0.5"}."""
+    out = {}
+    if loss is not None:
+        out["loss"] = f"{loss:.3f}"
+    if err is not None:
+        out["err"] = f"{err:.1f}"
+    out["lr"] = f"{lr:.3g}"
+    out.update({SYMBOLS.get(k, k): f"{v:.3g}" for k, v in scheduled.items()})
+    return out
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+# ------------------------------------------------------------------------------ fault injection
+_FAULT = os.environ.get("MBN_FAULT", "").partition(":")
+_FAULT_COUNTS = {}
+
+
+def fault_point(phase: str) -> None:
+    """Test hook (tests/test_faults.py), inert unless MBN_FAULT=<phase>:<n> was set when the
+    process started: the n-th time it reaches `phase` it kills itself with SIGKILL, as a power
+    cut or the OOM killer would. Phases: "metrics" (an epoch evaluated and half of its
+    metrics.jsonl line written), "checkpoint" (the checkpoint in its temporary file, not yet
+    renamed into place)."""
+    if _FAULT[0] != phase:
+        return
+    _FAULT_COUNTS[phase] = _FAULT_COUNTS.get(phase, 0) + 1
+    if _FAULT_COUNTS[phase] == int(_FAULT[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def git_state(repo: str = REPO):
@@ -81,11 +190,18 @@ class JsonlTracker(Tracker):
 
     def __init__(self, run_dir: str, history=()):
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        atomic_write_text(self.path, "".join(json.dumps(h) + "\n" for h in history))
+        atomic_write_text(self.path, "".join(to_json(h) + "\n" for h in history))
 
     def log_epoch(self, metrics, step):
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        line = to_json(metrics) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line[:len(line) // 2])
+                f.flush()
+                fault_point("metrics")
+                f.write(line[len(line) // 2:])
+        except OSError as e:  # a partial line is dropped on resume: the file is rebuilt from the checkpoint
+            raise write_error(self.path, e) from None
 
 
 WANDB_NAMES = {"train_loss": "train/loss", "train_err": "train/err", "test_loss": "test/loss", "test_err": "test/err",

@@ -8,11 +8,11 @@ from torch import nn
 class NIN(nn.Module):
     residual = False
 
-    def __init__(self, num_classes=10, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU):
+    def __init__(self, num_classes=10, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU, conv_layer=nn.Conv2d):
         super().__init__()
 
         def conv(cin, cout, k):
-            return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), norm_layer(cout), act_layer()]
+            return [conv_layer(cin, cout, k, padding=k // 2, bias=False), norm_layer(cout), act_layer()]
 
         self.features = nn.Sequential(
             *conv(3, 192, 5), *conv(192, 160, 1), *conv(160, 96, 1),
@@ -20,7 +20,7 @@ class NIN(nn.Module):
             *conv(96, 192, 5), *conv(192, 192, 1), *conv(192, 192, 1),
             nn.AvgPool2d(3, 2, padding=1),
             *conv(192, 192, 3), *conv(192, 192, 1),
-            nn.Conv2d(192, num_classes, 1),
+            nn.Conv2d(192, num_classes, 1),  # feeds no normalizer
         )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

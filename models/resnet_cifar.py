@@ -4,15 +4,15 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def conv3x3(cin, cout, stride=1):
-    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+def conv3x3(conv_layer, cin, cout, stride=1):
+    return conv_layer(cin, cout, 3, stride, 1, bias=False)
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride, norm_layer, act_layer):
+    def __init__(self, cin, cout, stride, norm_layer, act_layer, conv_layer):
         super().__init__()
-        self.conv1, self.bn1 = conv3x3(cin, cout, stride), norm_layer(cout)
-        self.conv2, self.bn2 = conv3x3(cout, cout), norm_layer(cout)
+        self.conv1, self.bn1 = conv3x3(conv_layer, cin, cout, stride), norm_layer(cout)
+        self.conv2, self.bn2 = conv3x3(conv_layer, cout, cout), norm_layer(cout)
         self.act1, self.act2 = act_layer(), act_layer()
         self.stride, self.extra = stride, cout - cin
 
@@ -29,16 +29,16 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     residual = True
 
-    def __init__(self, depth, num_classes=10, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU):
+    def __init__(self, depth, num_classes=10, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU, conv_layer=nn.Conv2d):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
-        self.conv1, self.bn1, self.act1 = conv3x3(3, 16), norm_layer(16), act_layer()
+        self.conv1, self.bn1, self.act1 = conv3x3(conv_layer, 3, 16), norm_layer(16), act_layer()
         blocks, cin = [], 16
         for cout, stride in ((16, 1), (32, 2), (64, 2)):
             for i in range(n):
-                blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1, norm_layer, act_layer))
+                blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1, norm_layer, act_layer, conv_layer))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(64, num_classes)

@@ -5,14 +5,14 @@ from torch import nn
 VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 
 
-def make_features(layout, norm_layer, act_layer) -> nn.Sequential:
+def make_features(layout, norm_layer, act_layer, conv_layer=nn.Conv2d) -> nn.Sequential:
     """3x3 conv -> norm -> activation for every number in `layout`, a 2x2 max-pool for every "M"."""
     layers, cin = [], 3
     for v in layout:
         if v == "M":
             layers.append(nn.MaxPool2d(2))
         else:
-            layers += [nn.Conv2d(cin, v, 3, padding=1, bias=False), norm_layer(v), act_layer()]
+            layers += [conv_layer(cin, v, 3, padding=1, bias=False), norm_layer(v), act_layer()]
             cin = v
     return nn.Sequential(*layers)
 
@@ -20,9 +20,10 @@ def make_features(layout, norm_layer, act_layer) -> nn.Sequential:
 class VGG(nn.Module):
     residual = False
 
-    def __init__(self, layout=VGG16, num_classes=10, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU):
+    def __init__(self, layout=VGG16, num_classes=10, norm_layer=nn.BatchNorm2d, act_layer=nn.ReLU,
+                 conv_layer=nn.Conv2d):
         super().__init__()
-        self.features = make_features(layout, norm_layer, act_layer)
+        self.features = make_features(layout, norm_layer, act_layer, conv_layer)
         self.classifier = nn.Linear([v for v in layout if v != "M"][-1], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

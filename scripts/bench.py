@@ -22,7 +22,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
-from mbn.engine import autocast_for, make_model, make_optimizer, resolve_device, resolve_perf, train_step  # noqa: E402
+from mbn.build import autocast_for, make_model, make_optimizer, resolve_device, resolve_perf  # noqa: E402
+from mbn.step import train_step  # noqa: E402
 from mbn.results import REPO, compose  # noqa: E402
 from mbn.tracking import git_state  # noqa: E402
 

@@ -1,10 +1,14 @@
-"""Convergence curves of the paper's Figures 1 and 2 from the runs' per-epoch metrics.
+"""Figures from the runs' metrics: the paper's Figures 1 and 2 (convergence curves) and the
+small-batch study (final test error against batch size).
 
-    python scripts/plot_curves.py --runs runs/e30          # writes results/e30/figure{1,2}.png
+    python scripts/plot_curves.py --runs runs/e30          # writes results/e30/<figure>.png
 
-Curves are the mean over seeds; the band spans the seeds' min and max."""
+Curves are the mean over seeds; the band spans the seeds' min and max. Figures of synthetic-data
+runs are titled so. A figure committed to git is only replaced by one made from the same runs
+(each PNG records its runs in a text chunk), unless --force."""
 import argparse
 import os
+import statistics
 import textwrap
 import sys
 
@@ -15,9 +19,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mbn.results import REPO, curves, load_grid, provenance  # noqa: E402
+from mbn import UserError  # noqa: E402
+from mbn.results import (PNG_RUNS_KEY, REPO, check_replace, curves, is_synthetic, load_grid,  # noqa: E402
+                         provenance, seed_of)
 
-COLORS = {"bn": "tab:blue", "brn": "tab:green", "mbn": "tab:red"}
+COLORS = {"bn": "tab:blue", "brn": "tab:green", "mbn": "tab:red", "cbn": "tab:orange", "mabn": "tab:purple",
+          "rbn": "tab:brown", "gn": "tab:gray"}
+SYNTHETIC = "SYNTHETIC DATA, not comparable with the paper: "
 
 
 def band(ax, runs, key, color, lw, name, ls="-"):
@@ -33,22 +41,19 @@ def caption(fig, prov):
     fig.text(0.01, 0.005, textwrap.fill(text, int(fig.get_figwidth() * 16)), fontsize=7, va="bottom")
 
 
-def figure1(cells, grid, prov, path):
+def figure1(cells, grid, ax_title):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (norm, double), runs in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         if runs:
             band(ax, runs, "test_err", COLORS.get(norm), 2.0 if double else 1.2,
                  f"{norm.upper()}-{2 if double else 1} (n={len(runs)})", "-" if double else "--")
-    ax.set(xlabel="epoch", ylabel="test error (%)", title=grid.title)
+    ax.set(xlabel="epoch", ylabel="test error (%)", title=ax_title)
     ax.grid(alpha=0.3)
     ax.legend()
-    caption(fig, prov)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def figure2(cells, grid, prov, path):
+def figure2(cells, grid, title):
     models = [m for m in grid.rows if any(cells.get((m, n)) for n in grid.cols)] or list(grid.rows)
     fig, axes = plt.subplots(1, len(models), figsize=(max(7, 5 * len(models)), 4.6), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -60,34 +65,81 @@ def figure2(cells, grid, prov, path):
         ax.set(xlabel="epoch", ylabel="error (%)", title=model)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(grid.title)
-    caption(fig, prov)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle(title)
+    return fig
+
+
+def small_batch(cells, grid, title):
+    """Final test error against batch size (log x), one line per normalizer: mean over seeds, band
+    from the seeds' min to max."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for norm in grid.cols:
+        pts = []
+        for bs in grid.rows:
+            vals = [r["summary"].get(grid.metric) for r in cells.get((bs, norm)) or []]
+            vals = [v for v in vals if isinstance(v, (int, float))]
+            if vals:
+                pts.append((bs, statistics.fmean(vals), min(vals), max(vals), len(vals)))
+        if not pts:
+            continue
+        xs, mean, lo, hi, ns = zip(*pts)
+        ax.plot(xs, mean, "o-", color=COLORS.get(norm), lw=1.8, label=f"{norm.upper()} (n ≤ {max(ns)})")
+        if max(ns) > 1:
+            ax.fill_between(xs, lo, hi, color=COLORS.get(norm), alpha=0.15, lw=0)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(grid.rows), [str(b) for b in grid.rows])
+    ax.set(xlabel="batch size", ylabel="final test error (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+FIGURES = {"figure1": figure1, "figure2": figure2, "small_batch_steps": small_batch,
+           "small_batch_epochs": small_batch}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", required=True)
     ap.add_argument("--out", default=None, help="default: results/<basename of --runs>")
+    ap.add_argument("--figures", nargs="*", default=list(FIGURES), choices=list(FIGURES))
+    ap.add_argument("--force", action="store_true", help="replace committed figures made from other runs")
     args = ap.parse_args(argv)
+    try:
+        return plot(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def plot(args):
     out = args.out or os.path.join(REPO, "results", os.path.basename(os.path.normpath(args.runs)))
-    os.makedirs(out, exist_ok=True)
-    made = 0
-    for name, draw in (("figure1", figure1), ("figure2", figure2)):
+    todo, absent = [], []
+    for name in args.figures:
         loaded = load_grid(args.runs, name)
         if loaded is None:
+            absent.append(name)
             continue
         sweep, grid, cells, runs = loaded
         if not runs:
             print(f"[plot] {name}: no finished runs yet; skipped")
             continue
         path = os.path.join(out, f"{name}.png")
-        draw(cells, grid, provenance(runs, sweep), path)
-        made += 1
-        print(f"[plot] {name}: {len(runs)} runs -> {path}")
-    return 0 if made else 1
+        check_replace(path, runs, args.force)
+        todo.append((name, sweep, grid, cells, runs, path))
+    if absent:
+        print(f"[plot] no sweep file in {args.runs} for {', '.join(absent)}; skipped")
+    os.makedirs(out, exist_ok=True)
+    for name, sweep, grid, cells, runs, path in todo:
+        title = (SYNTHETIC if is_synthetic(sweep, runs) else "") + grid.title
+        fig = FIGURES[name](cells, grid, textwrap.fill(title, 80))
+        caption(fig, provenance(runs, sweep))
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.savefig(path, dpi=120, metadata={PNG_RUNS_KEY: " ".join(sorted(r["name"] for r in runs)),
+                                             "Title": title})
+        plt.close(fig)
+        print(f"[plot] {name}: {len(runs)} runs (seeds {sorted({seed_of(r) for r in runs})}) -> {path}")
+    return 0 if todo else 1
 
 
 if __name__ == "__main__":

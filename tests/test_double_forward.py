@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from mbn.double_forward import recording
-from mbn.engine import train_step
+from mbn.step import train_step
 from mbn.norms import BatchNorm2d, MemorizedBatchNorm2d
 
 
@@ -38,10 +38,10 @@ def test_double_forward_records_statistics_of_the_updated_weights():
     train_step(net, opt, x, y, double_forward=True)
     after = input_stats(net, x)
     mbn = net[1]
-    assert int(mbn.mem_filled) == 1  # one record per step, from the second forward only
-    newest = int(torch.remainder(mbn.mem_head - 1, 3))
-    assert torch.equal(mbn.mem_mean[newest], after[0]) and torch.equal(mbn.mem_var[newest], after[1])
-    assert not torch.allclose(mbn.mem_mean[newest], before[0])
+    assert int(mbn.memory.filled) == 1  # one record per step, from the second forward only
+    newest = int(torch.remainder(mbn.memory.head - 1, 3))
+    assert torch.equal(mbn.memory.mean[newest], after[0]) and torch.equal(mbn.memory.var[newest], after[1])
+    assert not torch.allclose(mbn.memory.mean[newest], before[0])
     assert opt.state[net[0].weight]["momentum_buffer"] is not None
 
 
@@ -51,8 +51,8 @@ def test_single_forward_records_statistics_of_the_old_weights():
     x, y = data()
     before = input_stats(net, x)
     train_step(net, opt, x, y, double_forward=False)
-    assert int(net[1].mem_filled) == 1
-    assert torch.equal(net[1].mem_mean[0], before[0])
+    assert int(net[1].memory.filled) == 1
+    assert torch.equal(net[1].memory.mean[0], before[0])
 
 
 def test_batchnorm_double_forward_updates_running_averages_once_with_new_weights():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from mbn import UserError
 from mbn.norms import (BatchNorm2d, BatchRenorm2d, MemorizedBatchNorm2d, NormProp2d, NormPropReLU,
                        bind_convs, build_norm)
-from mbn.norms.mbn import combine_stats
+from mbn.norms.base import combine_stats
 
 C = 5
 
@@ -136,8 +136,8 @@ def test_paper_closed_form_backward_equals_autograd():
     with torch.no_grad():
         mean, var, n = stats(x)
         weights = torch.cat([m.memory_weights(), torch.tensor([float(n)])])  # α_i·n_i
-        means = torch.cat([m.mem_mean, mean[None]])
-        mu, s2 = combine_stats(means, torch.cat([m.mem_var, var[None]]), weights)
+        means = torch.cat([m.memory.mean, mean[None]])
+        mu, s2 = combine_stats(means, torch.cat([m.memory.var, var[None]]), weights)
         W = weights.sum()
         v = lambda t: t.view(1, C, 1, 1)  # noqa: E731
         inv = 1 / torch.sqrt(s2 + m.eps)
@@ -165,16 +165,16 @@ def test_ring_buffer_holds_exactly_the_last_k_batches():
     k = 4
     m = mbn(k=k)
     xs = fill_memory(m, k + 3)
-    assert int(m.mem_filled) == k
-    ages = m.slot_ages()
+    assert int(m.memory.filled) == k
+    ages = m.memory.ages()
     for i, x in enumerate(xs[-k:]):
         mean, var, n = stats(x)
         age = k - 1 - i
         slot = int((ages == age).nonzero())
-        torch.testing.assert_close(m.mem_mean[slot], mean, rtol=0, atol=0)
-        torch.testing.assert_close(m.mem_var[slot], var, rtol=0, atol=0)
-        assert m.mem_count[slot] == n
-    kept = {tuple(r.tolist()) for r in m.mem_mean}
+        torch.testing.assert_close(m.memory.mean[slot], mean, rtol=0, atol=0)
+        torch.testing.assert_close(m.memory.var[slot], var, rtol=0, atol=0)
+        assert m.memory.count[slot] == n
+    kept = {tuple(r.tolist()) for r in m.memory.mean}
     for x in xs[:-k]:
         assert tuple(stats(x)[0].tolist()) not in kept
 
@@ -184,11 +184,11 @@ def test_training_forward_records_only_when_asked():
     x = batch()
     m.record = False
     m(x)
-    assert int(m.mem_filled) == 0 and int(m.num_batches_tracked) == 0
+    assert int(m.memory.filled) == 0 and int(m.num_batches_tracked) == 0
     m.record = True
     m(x)
-    assert int(m.mem_filled) == 1
-    torch.testing.assert_close(m.mem_mean[0], stats(x)[0])
+    assert int(m.memory.filled) == 1
+    torch.testing.assert_close(m.memory.mean[0], stats(x)[0])
 
 
 def test_train_and_inference_share_one_rule():
@@ -233,7 +233,7 @@ def test_eval_stats_running_matches_batchnorm_running_averages():
         bn(x)
     torch.testing.assert_close(m.running_mean, bn.running_mean)
     torch.testing.assert_close(m.running_var, bn.running_var)
-    m.eval_stats = "running"
+    m.set_inference("running")
     m.eval()
     bn.eval()
     with torch.no_grad():
@@ -269,7 +269,7 @@ def test_float32_module_keeps_float32_and_bf16_input_keeps_fp32_stats():
     x = torch.randn(4, C, 3, 3, dtype=torch.float32)
     assert m(x).dtype == torch.float32
     y = m(x.to(torch.bfloat16))
-    assert y.dtype == torch.bfloat16 and m.mem_mean.dtype == torch.float32
+    assert y.dtype == torch.bfloat16 and m.memory.mean.dtype == torch.float32
 
 
 # ------------------------------------------------------------------------------ BN / BRN
@@ -363,9 +363,30 @@ def test_normprop_preactivation_is_standardized_at_init():
         y = net(x)
     mean, std = y.mean((0, 2, 3)), y.std((0, 2, 3))
     assert mean.abs().max() < 0.02 and (std - 1).abs().max() < 0.02
-    net[1].const = 1.21  # the paper's constant scales the standardized response
+    net[1].const = 1.21  # the paper divides the standardized response by its constant
     with torch.no_grad():
-        assert (net(x).std((0, 2, 3)) - 1.21).abs().max() < 0.03
+        assert (net(x).std((0, 2, 3)) - 1 / 1.21).abs().max() < 0.03
+
+
+@pytest.mark.parametrize("model", ["vgg16", "nin"])
+def test_normprop_activations_stay_order_one_through_deep_plain_networks(model):
+    """At initialization every NormProp ReLU's output keeps an RMS of order 1 from the first layer
+    to the last (multiplying by 1.21 instead of dividing grew it ~40x through VGG-16)."""
+    from mbn.build import make_model
+    from tests.conftest import make_cfg
+
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    net = make_model(make_cfg([f"model={model}", "norm=normprop"]))
+    rms = []
+    for m in net.modules():
+        if isinstance(m, NormPropReLU):
+            m.register_forward_hook(lambda mod, i, o: rms.append(o.pow(2).mean().sqrt().item()))
+    with torch.no_grad():
+        logits = net(torch.randn(32, 3, 32, 32))
+    assert len(rms) >= 8
+    assert all(0.5 < r < 2.0 for r in rms), rms
+    assert logits.std() < 5
 
 
 def test_normprop_relu_recentres_and_rescales():
@@ -394,7 +415,7 @@ def test_normprop_gradient_flows_through_the_filter_norm():
 def _normprop_functional(net, x, w):
     norm = w.flatten(1).norm(dim=1)
     n = net[1]
-    return F.conv2d(x, w) * (n.const * n.weight / norm).view(1, -1, 1, 1) + n.bias.view(1, -1, 1, 1)
+    return F.conv2d(x, w) * (n.weight / (n.const * norm)).view(1, -1, 1, 1) + n.bias.view(1, -1, 1, 1)
 
 
 # ------------------------------------------------------------------------------ errors, registry

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mbn.checkpoint import load_checkpoint
-from mbn.engine import fit, resolve_perf
+from mbn.build import resolve_perf
+from mbn.engine import fit
 from tests.conftest import TINY, make_cfg, run_cli
 
 FEW_STEPS = TINY + ["train.steps=3", "train.epochs=1", "norm=mbn", "logger=none"]
@@ -47,7 +48,8 @@ def test_compiled_train_step_equals_eager_in_float64(double_forward):
     by ordinary round-off, amplified by BN's backward, ~1e-2 of a gradient's scale.)"""
     import copy
 
-    from mbn.engine import make_model, train_step
+    from mbn.build import make_model
+    from mbn.step import train_step
 
     torch.manual_seed(0)
     eager = make_model(make_cfg(TINY + ["norm=mbn"])).double().train()
@@ -76,7 +78,7 @@ def test_compiled_training_runs_end_to_end(tmp_path):
 def test_bf16_autocast_keeps_statistics_in_fp32(tmp_path):
     exact = run(tmp_path, "exact", [])
     bf16 = run(tmp_path, "bf16", ["perf.precision=bf16"])
-    assert all(v.dtype in (torch.float32, torch.long) for k, v in bf16["model"].items() if "mem_" in k or "running" in k)
+    assert all(v.dtype in (torch.float32, torch.long) for k, v in bf16["model"].items() if "memory." in k or "running" in k)
     assert bf16["history"][0]["train_loss"] == pytest.approx(exact["history"][0]["train_loss"], rel=0.05)
 
 

@@ -8,7 +8,8 @@ import torch
 import models
 from mbn import UserError
 from mbn.checkpoint import load_checkpoint
-from mbn.engine import fit, make_model
+from mbn.build import make_model
+from mbn.engine import fit
 from tests.conftest import TINY, make_cfg, run_cli
 
 MODEL_NAMES = ["resnet20", "resnet56", "vgg16", "nin"]

@@ -8,6 +8,8 @@ BLOCK = 32768
 def records(path):
     data = open(path, "rb").read()
     assert data[:4] == b":W&B", "not a W&B run file"
+    assert len(data) > 7, ("only the header: wandb-core writes the records when it closes the run's stream; "
+                           "call wandb.teardown() before reading")
     pos, pending, out = 7, b"", []
     while pos + 7 <= len(data):
         if BLOCK - pos % BLOCK < 7:  # block trailer padding

@@ -1,77 +1,72 @@
 """Memorized Batch Normalization (Guo et al., AAAI 2018, eqs. 5-8, Algorithm 1).
 
 Each layer memorizes the per-channel mean, biased variance and count of the k most recently
-recorded batches in fixed-size ring buffers. A training forward normalizes with the weighted
-statistics of the memory and the current batch (eq. 6), weights α_i = λ·η^(k-i) for memory
-slot i (the most recent slot gets λ, eq. 8) and α = 1 for the current batch.
+recorded batches in a ring buffer (`StatsMemory`). A training forward normalizes with the
+weighted statistics of the memory and the current batch (eq. 6): α = 1 for the current batch and
+α = λ·η^age for the memory slot recorded `age` batches ago (eq. 8: the newest slot gets λ).
+
+Options whose defaults are the paper's (the ablation grid varies them):
+- `newest_weight`: "lam" (eq. 8) or "one" (the sentence before eq. 8: α_k = 1 for the newest slot,
+  the older ones λ·η^age);
+- `grad`: "current" (the paper: gradients flow through the current batch's statistics inside the
+  pooled ones) or "renorm" (BN's batch gradient; the memorized statistics enter as constant
+  Batch-Renorm-style r = σ_B/σ̂, d = (μ_B − μ̂)/σ̂; the forward value is the same);
+- `eval_stats`: "auto" (memory, except running averages when λ = 0 throughout, where MBN is BN),
+  "memory" or "running".
 """
-from typing import Sequence
+import math
+from dataclasses import field, dataclass
+from typing import List, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from mbn import UserError
-from mbn.norms.base import BatchStatNorm
+from mbn.norms.registry import NormConfig, NormSpec, register
+from mbn.norms.base import BatchStatNorm, StatsMemory, combine_stats
+from mbn.norms.brn import renorm_stats
 from mbn.schedules import piecewise
-
-
-def combine_stats(means, variances, weights):
-    """Eq. 6: mean and variance of a union of groups given each group's mean (G, C), biased
-    variance (G, C) and weight α_i·n_i (G,). The variance includes the correction term
-    (μ_i − μ̂)², so it equals the variance of the pooled data (eq. 5)."""
-    total = weights.sum()
-    mean = weights @ means / total
-    var = weights @ (variances + (means - mean) ** 2) / total
-    return mean, var
 
 
 class MemorizedBatchNorm2d(BatchStatNorm):
     def __init__(self, num_features: int, memory_size: int = 10, eta: float = 0.9, lam: float = 0.1,
                  eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  lam_values: Sequence[float] = (), lam_milestones: Sequence[float] = (),
-                 eval_stats: str = "memory"):
-        super().__init__(num_features, eps, affine)
+                 eval_stats: str = "auto", newest_weight: str = "lam", grad: str = "current"):
+        super().__init__(num_features, eps, affine, momentum)
         if int(memory_size) != memory_size or memory_size < 1:
             raise UserError(f"MBN memory_size must be an integer >= 1 (got {memory_size}); "
                             "set norm.memory_size=10 (the paper's value) or use norm=bn for no memory")
         if not 0.0 <= eta <= 1.0:
-            raise UserError(f"MBN eta must lie in [0, 1] (got {eta})")
-        if eval_stats not in ("memory", "running"):
-            raise UserError(f"eval_stats must be 'memory' or 'running' (got {eval_stats!r})")
-        self.memory_size = int(memory_size)
-        self.eta = float(eta)
-        self.momentum = momentum
-        self.lam_values = [float(v) for v in lam_values] or [float(lam)]
-        self.lam_milestones = [float(m) for m in lam_milestones]
-        self.eval_stats = eval_stats
-        k = self.memory_size
+            raise UserError(f"MBN eta must lie in [0, 1] (got {eta}); set norm.eta=0.9 (the paper's value)")
+        lam_values = [float(v) for v in lam_values] or [float(lam)]
+        if not all(0.0 <= v <= 1.0 for v in lam_values):
+            raise UserError(f"MBN λ must lie in [0, 1] (eq. 8), got norm.lam={lam_values}; "
+                            "the paper uses norm.lam=[0.1,0.5,0.9]")
+        for key, value, allowed in (("eval_stats", eval_stats, ("auto", "memory", "running")),
+                                    ("newest_weight", newest_weight, ("lam", "one")),
+                                    ("grad", grad, ("current", "renorm"))):
+            if value not in allowed:
+                raise UserError(f"norm.{key} must be one of {list(allowed)} (got {value!r})")
+        self.memory_size, self.eta = int(memory_size), float(eta)
+        self.lam_values, self.lam_milestones = lam_values, [float(m) for m in lam_milestones]
+        self.newest_weight, self.grad = newest_weight, grad
+        is_bn = newest_weight == "lam" and not any(lam_values)  # λ = 0 throughout: BN (the paper)
+        if eval_stats == "auto":
+            eval_stats = "running" if is_bn else "memory"
+        self.inference_modes = (eval_stats, "memory" if eval_stats == "running" else "running")
+        self.inference = eval_stats
         # λ is a tensor so that a schedule change never forces recompilation
         self.register_buffer("lam", torch.tensor(self.lam_values[0]))
         self._lam_set = None
-        self.register_buffer("mem_mean", torch.zeros(k, num_features))
-        self.register_buffer("mem_var", torch.ones(k, num_features))
-        self.register_buffer("mem_count", torch.zeros(k))
-        self.register_buffer("mem_head", torch.tensor(0, dtype=torch.long))    # next slot to write
-        self.register_buffer("mem_filled", torch.tensor(0, dtype=torch.long))  # slots holding a batch
-        # BN-style running averages of the recorded batches, for eval_stats=running
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        self.register_buffer("_slots", torch.arange(k), persistent=False)  # a constant, not saved
+        self.memory = StatsMemory(memory_size, mean=(num_features,), var=(num_features,), count=())
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._lam_set = None  # λ came from the checkpoint: write it again at the next step
 
     def reset_running_stats(self) -> None:
-        self.mem_mean.zero_()
-        self.mem_var.fill_(1)
-        self.mem_count.zero_()
-        self.mem_head.zero_()
-        self.mem_filled.zero_()
-        self.running_mean.zero_()
-        self.running_var.fill_(1)
-        self.num_batches_tracked.zero_()
+        super().reset_running_stats()
+        self.memory.reset()
 
     def set_progress(self, progress: float) -> None:
         lam = piecewise(self.lam_values, self.lam_milestones, progress)
@@ -79,62 +74,86 @@ class MemorizedBatchNorm2d(BatchStatNorm):
             self.lam.fill_(lam)
             self._lam_set = lam
 
-    def slot_ages(self) -> torch.Tensor:
-        """Age of every slot: 0 for the most recently recorded batch, k-1 for the oldest."""
-        return torch.remainder(self.mem_head - 1 - self._slots, self.memory_size)
+    def scheduled_values(self):
+        return {"lam": self.lam_values[0] if self._lam_set is None else self._lam_set}
+
+    def alpha(self, age: torch.Tensor) -> torch.Tensor:
+        """α of a memory slot recorded `age` batches before the current one (age 0 = newest)."""
+        alpha = self.lam * torch.pow(self.eta, age.to(self.memory.count.dtype))
+        if self.newest_weight == "one":
+            alpha = torch.where(age == 0, torch.ones_like(alpha), alpha)
+        return alpha
 
     def memory_weights(self) -> torch.Tensor:
-        """α_i·n_i of eq. 6 for every slot during training: λ·η^age·n (empty slots have n = 0)."""
-        return self.lam * self.decay(self.slot_ages()) * self.mem_count
-
-    def decay(self, age: torch.Tensor) -> torch.Tensor:
-        """η^age in the memory's dtype."""
-        return torch.pow(self.eta, age.to(self.mem_count.dtype))
+        """α_i·n_i of eq. 6 for every slot during training (empty slots have n = 0)."""
+        return self.alpha(self.memory.ages()) * self.memory.count
 
     def memorized_stats(self, mean=None, var=None, n=None):
         """μ̂, σ̂² of eq. 6. With a current batch (training) it has α = 1; without one (inference)
         the most recently recorded batch takes the current batch's place, so that training and
         inference share one rule."""
+        mem = self.memory
         if mean is not None:
-            weights = torch.cat([self.memory_weights(), self.mem_count.new_full((1,), float(n))])
-            means = torch.cat([self.mem_mean, mean.to(self.mem_mean.dtype)[None]])
-            variances = torch.cat([self.mem_var, var.to(self.mem_var.dtype)[None]])
+            weights = torch.cat([self.memory_weights(), mem.count.new_full((1,), float(n))])
+            means = torch.cat([mem.mean, mean.to(mem.mean.dtype)[None]])
+            variances = torch.cat([mem.var, var.to(mem.var.dtype)[None]])
             return combine_stats(means, variances, weights)
-        age = self.slot_ages()
-        alpha = torch.where(age == 0, torch.ones_like(self.mem_count), self.lam * self.decay((age - 1).clamp(min=0)))
-        return combine_stats(self.mem_mean, self.mem_var, alpha * self.mem_count)
+        age = mem.ages()
+        alpha = torch.where(age == 0, torch.ones_like(mem.count), self.alpha((age - 1).clamp(min=0)))
+        return combine_stats(mem.mean, mem.var, alpha * mem.count)
 
     @torch.no_grad()
     def push(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-        """Record one batch's statistics in the ring buffer, overwriting the oldest slot. Masked
-        writes, not indexing: deterministic on every device and free of host syncs."""
-        slot = (self._slots == self.mem_head)
-        self.mem_mean.copy_(torch.where(slot[:, None], mean.to(self.mem_mean.dtype), self.mem_mean))
-        self.mem_var.copy_(torch.where(slot[:, None], var.to(self.mem_var.dtype), self.mem_var))
-        self.mem_count.masked_fill_(slot, float(n))
-        self.mem_head.copy_(torch.remainder(self.mem_head + 1, self.memory_size))
-        self.mem_filled.copy_((self.mem_filled + 1).clamp(max=self.memory_size))
+        """Record one batch's statistics, overwriting the oldest slot; update the running averages."""
+        self.memory.push(mean=mean, var=var, count=float(n))
         self.update_running_stats(mean, var, n)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            mean, var, n = self.batch_stats(x)
-            mu_hat, var_hat = self.memorized_stats(mean, var, n)
-            y = self.affine_apply(x, mu_hat, var_hat)
-            if self.record:
-                self.push(mean.detach(), var.detach(), n)
-            return y
-        if self.eval_stats == "running":
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
+    def train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, var, n = self.batch_stats(x)
+        if self.grad == "renorm":
+            with torch.no_grad():
+                mu_hat, var_hat = self.memorized_stats(mean, var, n)
+            std = torch.sqrt(var + self.eps)
+            mu, std2 = renorm_stats(mean, std, mu_hat, torch.sqrt(var_hat + self.eps), math.inf, math.inf)
+            y = self.affine_apply(x, mu, std2 - self.eps)
+        else:
+            y = self.affine_apply(x, *self.memorized_stats(mean, var, n))
+        if self.record:
+            self.push(mean.detach(), var.detach(), n)
+        return y
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inference == "running":
+            return super().infer(x)
         mu_hat, var_hat = self.memorized_stats()
         # before anything was recorded the memory is empty: fall back to the running averages,
         # which then still hold their initial values (0, 1)
-        empty = self.mem_filled == 0
-        mu_hat = torch.where(empty, self.running_mean, mu_hat)
-        var_hat = torch.where(empty, self.running_var, var_hat)
-        return self.affine_apply(x, mu_hat, var_hat)
+        empty = self.memory.filled == 0
+        return self.affine_apply(x, torch.where(empty, self.running_mean, mu_hat),
+                                 torch.where(empty, self.running_var, var_hat))
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", memory_size={self.memory_size}, eta={self.eta}, "
-                f"lam={self.lam_values} at {self.lam_milestones}, eval_stats={self.eval_stats}")
+                f"lam={self.lam_values} at {self.lam_milestones}, newest_weight={self.newest_weight}, "
+                f"grad={self.grad}, inference={self.inference}")
+
+
+@dataclass
+class MBNConfig(NormConfig):
+    name: str = "mbn"
+    double_forward: bool = True
+    memory_size: int = 10
+    eta: float = 0.9
+    lam: List[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    lam_milestones: List[float] = field(default_factory=lambda: [0.4, 0.6])
+    momentum: float = 0.1           # for the BN-style running averages
+    eval_stats: str = "auto"        # auto (memory; running where λ = 0 throughout) | memory | running
+    newest_weight: str = "lam"      # lam (eq. 8) | one (α_k = 1, the sentence before eq. 8)
+    grad: str = "current"           # current (the paper) | renorm (BN's gradient, memory as r, d)
+
+
+register("mbn", NormSpec(
+    MemorizedBatchNorm2d, MBNConfig,
+    lambda c: dict(memory_size=c.memory_size, eta=c.eta, eps=c.eps, momentum=c.momentum,
+                   lam_values=list(c.lam), lam_milestones=list(c.lam_milestones), eval_stats=c.eval_stats,
+                   newest_weight=c.newest_weight, grad=c.grad)))

@@ -1,0 +1,419 @@
+"""Mutation testing: plant realistic single-line bugs one at a time and check that the tests catch them.
+
+    python scripts/mutants.py                     # every mutant; prints the score and the survivors
+    python scripts/mutants.py --list              # the list, and which snippets no longer match (STALE)
+    python scripts/mutants.py --only brn_lower_clip step_lr_late
+    python scripts/mutants.py --jobs 2            # two mutants at a time (each in its own copy)
+
+Each mutant is (name, file, exact original snippet, replacement, tests, description). By default
+the work happens in a scratch copy of the working tree (tracked and untracked, not ignored), so the
+checkout and anyone working in it never see a bug; `--in-place` mutates the checkout itself. Either
+way the file is restored byte for byte (and its mtime) after each mutant, on Ctrl-C and on errors.
+
+A mutant is KILLED when its tests fail (or time out, or no longer import), SURVIVED when they pass.
+A snippet that no longer occurs exactly once is STALE: reported, never silently skipped, so the list
+stays honest as the code changes; fix the snippet or drop the mutant. Tests that already fail
+without any mutant (checked first, once) make their mutants BASELINE-FAIL, not scored.
+Not part of CI: a full run takes minutes.
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from queue import Queue
+from typing import List, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str          # relative to the repository root
+    original: str      # must occur exactly once in the file
+    replacement: str
+    tests: Tuple[str, ...]  # pytest node ids or files: the narrow selection that should catch it
+    description: str
+
+
+def M(name, file, original, replacement, tests, description):
+    return Mutant(name, file, original, replacement, tuple(tests.split()), description)
+
+
+T_NORMS = "tests/test_norms.py"
+T_REG = "tests/test_regressions.py"
+T_DF = "tests/test_double_forward.py"
+T_SCHED = "tests/test_schedules.py"
+T_DATA = "tests/test_data.py"
+RESUME_BN = "tests/test_train.py::test_interrupted_and_resumed_run_is_bitwise_identical[bn]"
+
+MUTANTS: List[Mutant] = [
+    # ------------------------------------------------------------------ normalizers
+    M("pooled_variance_correction", "mbn/norms/base.py",
+      "var = weights @ (variances + (means - mean) ** 2) / total", "var = weights @ variances / total",
+      T_NORMS, "eq. 6 without the (μ_i − μ̂)² term: pooled variance = mean of the group variances"),
+    M("batch_var_unbiased", "mbn/norms/base.py",
+      "var, mean = torch.var_mean(x, dim=dims, correction=0)", "var, mean = torch.var_mean(x, dim=dims)",
+      T_NORMS, "normalize with the unbiased batch variance (BN uses the biased one)"),
+    M("running_var_biased", "mbn/norms/base.py",
+      "var.detach().to(self.running_var.dtype) * (n / (n - 1))", "var.detach().to(self.running_var.dtype)",
+      f"{T_REG}::test_running_averages_follow_the_configured_momentum {T_NORMS}",
+      "MBN's BN-style running_var tracks the biased variance"),
+    M("affine_shift_sign", "mbn/norms/base.py", "shift = -mean * scale", "shift = mean * scale",
+      T_NORMS, "normalize with x + μ instead of x − μ"),
+    M("bn_momentum", "configs/norm/bn.yaml", "momentum: 0.1", "momentum: 0.01",
+      f"{T_REG}::test_running_averages_follow_the_configured_momentum",
+      "norm=bn ships with momentum 0.01 instead of PyTorch's 0.1"),
+    M("bn_records_always", "mbn/norms/bn.py",
+      "return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)",
+      "return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum, self.eps)",
+      f"{T_DF} {T_NORMS}", "BN updates its running averages in forwards that should not record"),
+    M("brn_lower_clip", "mbn/norms/brn.py", ".clamp(1 / r_max, r_max)", ".clamp(0, r_max)",
+      f"{T_REG}::test_brn_clips_r_to_both_bounds_and_d_to_both_signs {T_NORMS}",
+      "BRN clips r to [0, r_max] instead of [1/r_max, r_max]"),
+    M("brn_d_clip_one_sided", "mbn/norms/brn.py", ".clamp(-d_max, d_max)", ".clamp(max=d_max)",
+      f"{T_REG}::test_brn_clips_r_to_both_bounds_and_d_to_both_signs {T_NORMS}",
+      "BRN clips d only from above"),
+    M("brn_rd_not_detached", "mbn/norms/brn.py",
+      "    with torch.no_grad():\n        r = (std / ref_std)", "    if True:\n        r = (std / ref_std)",
+      f"{T_NORMS}::test_brn_no_gradient_through_r_and_d", "BRN backpropagates through r and d"),
+    M("brn_running_std_is_var", "mbn/norms/brn.py", "self.running_std.lerp_(std.detach(), self.momentum)",
+      "self.running_std.lerp_(var.detach(), self.momentum)", T_NORMS,
+      "BRN's moving σ averages the variance instead of the standard deviation"),
+    M("brn_momentum", "configs/norm/brn.yaml", "momentum: 0.01 ", "momentum: 0.1 ",
+      f"{T_REG}::test_running_averages_follow_the_configured_momentum",
+      "norm=brn ships with momentum 0.1 instead of 0.01"),
+    M("mbn_decay_off_by_one", "mbn/norms/mbn.py", "torch.pow(self.eta, age.to(self.memory.count.dtype))",
+      "torch.pow(self.eta, (age + 1).to(self.memory.count.dtype))", T_NORMS,
+      "eq. 8 decay exponent off by one: the newest slot gets λ·η instead of λ"),
+    M("mbn_lambda_on_oldest_slot", "mbn/norms/mbn.py", "torch.pow(self.eta, age.to(self.memory.count.dtype))",
+      "torch.pow(self.eta, (self.memory_size - 1 - age).to(self.memory.count.dtype))", T_NORMS,
+      "eq. 8 read with i counted from the newest: λ goes to the oldest slot"),
+    M("mbn_ages_reversed", "mbn/norms/base.py", "torch.remainder(self.head - 1 - self.slots, self.size)",
+      "torch.remainder(self.slots - self.head, self.size)", T_NORMS,
+      "the ring buffer's ages count from the oldest slot (λ weight on the wrong slot)"),
+    M("mbn_current_batch_weight", "mbn/norms/mbn.py", "mem.count.new_full((1,), float(n))",
+      "mem.count.new_full((1,), 1.0)", T_NORMS,
+      "the current batch enters eq. 6 with weight 1 instead of α·n = n"),
+    M("mbn_inference_newest_weighted", "mbn/norms/mbn.py",
+      "alpha = torch.where(age == 0, torch.ones_like(mem.count), self.alpha((age - 1).clamp(min=0)))",
+      "alpha = self.alpha(age)", T_NORMS,
+      "inference weighs the newest recorded batch with λ instead of treating it as the current batch"),
+    M("mbn_records_always", "mbn/norms/mbn.py", "        if self.record:\n            self.push(",
+      "        if True:\n            self.push(", f"{T_NORMS} {T_DF}", "MBN records in forwards that should not"),
+    M("memory_fills_past_size", "mbn/norms/base.py", "self.filled.copy_((self.filled + 1).clamp(max=self.size))",
+      "self.filled.copy_(self.filled + 1)", T_NORMS, "the memory's fill count grows past its size"),
+    # ------------------------------------------------------------------ double forward
+    M("second_forward_before_step", "mbn/step.py",
+      "        loss.backward()\n        self.optimizer.step()\n",
+      "        loss.backward()\n        if self.double_forward:\n            with torch.no_grad(), recording(self.model, True):\n"
+      "                self.forward(x)\n        self.optimizer.step()\n",
+      T_DF, "double forward records before the SGD step (statistics of the old weights)"),
+    M("recording_flag_inverted", "mbn/step.py", "recording(self.model, not self.double_forward)",
+      "recording(self.model, self.double_forward)", T_DF,
+      "the training forward records under double forward and not under single forward"),
+    M("second_forward_records_nothing", "mbn/step.py", "with torch.no_grad(), recording(self.model, True)",
+      "with torch.no_grad(), recording(self.model, False)", T_DF, "the second forward does not record"),
+    # ------------------------------------------------------------------ schedules
+    M("step_lr_late", "mbn/schedules.py", "gamma ** sum(progress >= m for m in milestones)",
+      "gamma ** sum(progress > m for m in milestones)", T_SCHED,
+      "the lr drops one step late at a milestone"),
+    M("piecewise_late", "mbn/schedules.py", "i = sum(progress >= m for m in milestones)",
+      "i = sum(progress > m for m in milestones)", T_SCHED, "λ switches one step late at a milestone"),
+    M("progress_off_by_one", "mbn/engine.py", "progress = step / self.total_steps",
+      "progress = (step + 1) / self.total_steps",
+      f"{T_SCHED}::test_training_logs_the_new_lr_and_lambda_from_the_milestone_step_on",
+      "the loop computes progress after the step: every schedule switches one step early"),
+    M("brn_ramp_inverted", "mbn/schedules.py", "if progress <= start:\n        return v0",
+      "if progress <= start:\n        return v1", f"{T_SCHED} {T_NORMS}::test_brn_relaxation_schedule",
+      "BRN's r_max/d_max start relaxed instead of at (1, 0)"),
+    # ------------------------------------------------------------------ data
+    M("crop_pad_2", "mbn/data.py", "world: int = 1, pad: int = 4):", "world: int = 1, pad: int = 2):",
+      f"{T_REG}::test_loader_crops_from_a_4_pixel_zero_padding_and_flips",
+      "the CIFAR loader pads crops by 2 instead of 4"),
+    M("flip_never", "mbn/data.py", "flip = torch.rand(n, 1, generator=generator, device=device) < 0.5",
+      "flip = torch.rand(n, 1, generator=generator, device=device) < 0.0",
+      f"{T_DATA} {T_REG}::test_loader_crops_from_a_4_pixel_zero_padding_and_flips",
+      "horizontal flip never applied"),
+    M("crop_one_sided", "mbn/data.py", "left = torch.randint(0, 2 * pad + 1,", "left = torch.randint(0, pad + 1,",
+      f"{T_DATA} {T_REG}::test_loader_crops_from_a_4_pixel_zero_padding_and_flips",
+      "crops only ever shift to one side horizontally"),
+    M("normalize_by_variance", "mbn/data.py", "return x.mean((0, 2, 3)), x.std((0, 2, 3), correction=0)",
+      "return x.mean((0, 2, 3)), x.var((0, 2, 3), correction=0)",
+      f"{T_REG}::test_loader_normalizes_with_the_training_sets_channel_statistics",
+      "inputs divided by the channel variance instead of the standard deviation"),
+    M("normalize_with_test_stats", "mbn/data.py", "mean, std = channel_stats(train.images)",
+      "mean, std = channel_stats(test.images)",
+      f"{T_REG}::test_loader_normalizes_with_the_training_sets_channel_statistics",
+      "normalization statistics taken from the test set"),
+    # ------------------------------------------------------------------ checkpoints and resume
+    M("optimizer_not_restored", "mbn/engine.py", '        optimizer.load_state_dict(state["optimizer"])\n', "",
+      RESUME_BN, "resume starts SGD momentum from zero"),
+    M("rng_not_restored", "mbn/engine.py",
+      '        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])\n', "",
+      f"{T_REG}::test_resume_continues_the_global_rng_stream", "resume skips restoring the global RNG state"),
+    M("torch_rng_not_restored", "mbn/checkpoint.py", '    torch.set_rng_state(state["torch"])\n', "",
+      f"{T_REG}::test_rng_state_round_trip_continues_every_global_stream",
+      "set_rng_state restores python's and numpy's generators but not torch's"),
+    M("checkpoint_epoch_off_by_one", "mbn/engine.py", '"epoch": epoch + 1, "step": step, "rng": rngs,',
+      '"epoch": epoch, "step": step, "rng": rngs,', RESUME_BN, "the checkpoint records the epoch it is in, not the one done"),
+    # ------------------------------------------------------------------ run ids and tables
+    M("run_id_ignores_norm", "mbn/naming.py", "hashlib.sha1(json.dumps(d, sort_keys=True).encode())",
+      'hashlib.sha1(json.dumps({k: v for k, v in d.items() if k != "norm"}, sort_keys=True).encode())',
+      f"{T_REG}::test_run_id_changes_with_what_the_run_computes",
+      "the run id's hash ignores the normalizer's settings"),
+    M("run_free_prefix", "mbn/naming.py", 'key == f or key.startswith(f + ".")', "key.startswith(f)",
+      f"{T_REG}::test_run_changing_matches_whole_key_components",
+      "a RUN_FREE entry also frees every key that merely starts with its letters"),
+    M("run_free_misses_progress", "mbn/naming.py", '"train.progress", ', "",
+      f"{T_REG}::test_run_id_ignores_run_free_settings", "train.progress changes the run id"),
+    M("population_std", "mbn/results.py", "statistics.stdev(values)", "statistics.pstdev(values)",
+      f"{T_REG}::test_mean_std_is_the_sample_statistics {T_REG}::test_table_cells_are_mean_and_sample_std_over_seeds",
+      "tables report the population std (n) instead of the sample std (n − 1)"),
+    M("median_over_seeds", "mbn/results.py", "return statistics.fmean(values), (", "return statistics.median(values), (",
+      f"{T_REG}::test_mean_std_is_the_sample_statistics {T_REG}::test_table_cells_are_mean_and_sample_std_over_seeds",
+      "tables report the median over seeds instead of the mean"),
+]
+
+# ---------------------------------------------------------------------------------------------
+# TO BE ADDED by the engineers writing them (the lead): mutants of the new normalizers (CBN,
+# MABN, RBN, GN) and of the graph-replay step (mbn/step.py `Replay`, `TrainStep`), e.g. CBN's
+# Taylor compensation dropped, MABN's SMA window off by one, RBN's running-mean update sign, GN's
+# group reshape over the wrong axis, a replayed step whose key ignores the lr. Append them here
+# in the same form; a GPU-only behaviour needs a test that runs on a CPU (the eager body) or is
+# marked as such.
+NEW_NORMALIZER_MUTANTS: List[Mutant] = []
+GRAPH_REPLAY_MUTANTS: List[Mutant] = []
+MUTANTS += NEW_NORMALIZER_MUTANTS + GRAPH_REPLAY_MUTANTS
+
+# Not listed because they are equivalent by construction (no test can tell them apart):
+# - "MBN memory not detached": the recorded statistics are detached at the call, and both
+#   MemorizedBatchNorm2d.push and StatsMemory.push run under torch.no_grad; removing any one of
+#   the three guards changes nothing observable.
+# - "BRN moving averages not detached": the update runs under torch.no_grad on detached tensors.
+
+
+# ------------------------------------------------------------------------------------- running
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
+
+
+def workspace_files(repo: str) -> List[str]:
+    out = subprocess.run(["git", "-C", repo, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         capture_output=True, text=True, check=True).stdout
+    return [p for p in out.split("\0") if p and os.path.isfile(os.path.join(repo, p))]
+
+
+def make_copy(repo: str, dest: str) -> str:
+    """The working tree as it is now (tracked and untracked, not ignored) in `dest`."""
+    for rel in workspace_files(repo):
+        target = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(os.path.join(repo, rel), target)
+    return dest
+
+
+def status_of(m: Mutant, root: str) -> str:
+    path = os.path.join(root, m.file)
+    if not os.path.isfile(path):
+        return "STALE"
+    with open(path, encoding="utf-8", newline="") as f:
+        count = f.read().count(m.original)
+    return "ok" if count == 1 else "STALE"
+
+
+RUNNING = set()           # pytest process groups in flight (killed on Ctrl-C)
+STOP = threading.Event()  # set on Ctrl-C: queued mutants are not started
+
+
+def run_pytest(args: List[str], cwd: str, timeout: float):
+    """(returncode or None on timeout, output). The whole process group goes on timeout or Ctrl-C."""
+    env = dict(os.environ, PYTHONPATH=cwd, PYTHONDONTWRITEBYTECODE="1")  # no stale .pyc of a mutant
+    proc = subprocess.Popen(PYTEST + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    RUNNING.add(proc)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        kill(proc)
+        out, _ = proc.communicate()
+        return None, out
+    except BaseException:
+        kill(proc)
+        proc.communicate()
+        raise
+    finally:
+        RUNNING.discard(proc)
+
+
+def kill(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def covers(selection: str, nodeid: str) -> bool:
+    return nodeid == selection or nodeid.startswith(selection + "::") or nodeid.startswith(selection + "[")
+
+
+def baseline_failures(mutants: List[Mutant], root: str, timeout: float) -> List[str]:
+    selections = sorted({t for m in mutants for t in m.tests})
+    code, out = run_pytest(["-rfE", *selections], root, timeout)
+    if code is None:
+        sys.exit(f"the unmutated tests did not finish within {timeout:.0f} s; raise --timeout")
+    if code not in (0, 1):
+        sys.exit(f"the unmutated tests could not run (pytest exit {code}):\n{out[-3000:]}")
+    return re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)
+
+
+def apply_and_test(m: Mutant, root: str, timeout: float):
+    """Plant `m` in root, run its tests, restore the file exactly. Returns (status, seconds)."""
+    path = os.path.join(root, m.file)
+    with open(path, "rb") as f:
+        original = f.read()
+    stat = os.stat(path)
+    text = original.decode("utf-8")
+    if text.count(m.original) != 1:
+        return "STALE", 0.0, ""
+    t0 = time.perf_counter()
+    try:
+        with open(path, "wb") as f:
+            f.write(text.replace(m.original, m.replacement).encode("utf-8"))
+        code, out = run_pytest(["-x", "-rfE", *m.tests], root, timeout)
+    finally:
+        with open(path, "wb") as f:
+            f.write(original)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        with open(path, "rb") as f:
+            if f.read() != original:
+                raise RuntimeError(f"could not restore {path}")
+    seconds = time.perf_counter() - t0
+    if code is None:
+        return "TIMEOUT", seconds, ""
+    if code == 0:
+        return "SURVIVED", seconds, ""
+    if code in (1, 2):  # failures, or a collection error caused by the mutant
+        first = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)
+        return "KILLED", seconds, (f"by {first[0]}" if first else "")
+    return "ERROR", seconds, f"pytest exit {code}: {out.strip().splitlines()[-1] if out.strip() else ''}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true", help="list the mutants and whether their snippets match")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
+    ap.add_argument("--jobs", type=int, default=1, help="mutants tested at the same time (default 1)")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per mutant's tests (default 300)")
+    ap.add_argument("--in-place", action="store_true", help="mutate this checkout instead of a scratch copy")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selected tests")
+    args = ap.parse_args(argv)
+
+    names = [m.name for m in MUTANTS]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        sys.exit(f"duplicate mutant names: {dupes}")
+    mutants = MUTANTS
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            sys.exit(f"unknown mutants {unknown}; see --list")
+        mutants = [m for m in MUTANTS if m.name in args.only]
+
+    if args.list:
+        for m in mutants:
+            status = status_of(m, REPO)
+            print(f"{m.name:32s} {'' if status == 'ok' else status + ' '}{m.file}: {m.description}")
+        stale = sum(status_of(m, REPO) != "ok" for m in mutants)
+        print(f"{len(mutants)} mutants, {stale} stale")
+        return 0
+
+    jobs = 1 if args.in_place else max(1, args.jobs)
+    scratch = None if args.in_place else tempfile.mkdtemp(prefix="mbn-mutants-")
+    results = {}
+    try:
+        roots = [REPO] if args.in_place else [make_copy(REPO, os.path.join(scratch, str(j))) for j in range(jobs)]
+        runnable = [m for m in mutants if status_of(m, roots[0]) == "ok"]
+        for m in mutants:
+            if m not in runnable:
+                results[m.name] = ("STALE", 0.0, "")
+        if not args.no_baseline and runnable:
+            print(f"baseline: the {len({t for m in runnable for t in m.tests})} test selections without mutants ...",
+                  flush=True)
+            failing = baseline_failures(runnable, roots[0], args.timeout * 3)
+            for f in failing:
+                print(f"  fails unmutated: {f}")
+            for m in list(runnable):
+                if any(covers(t, f) for t in m.tests for f in failing):
+                    results[m.name] = ("BASELINE-FAIL", 0.0, "")
+                    runnable.remove(m)
+        free: Queue = Queue()
+        for r in roots:
+            free.put(r)
+        done = [0]
+
+        def work(m: Mutant):
+            if STOP.is_set():
+                return
+            root = free.get()
+            try:
+                results[m.name] = apply_and_test(m, root, args.timeout)
+            finally:
+                free.put(root)
+            if STOP.is_set():  # killed by Ctrl-C, not by the mutant
+                results.pop(m.name, None)
+                return
+            done[0] += 1
+            status, seconds, detail = results[m.name]
+            print(f"[{done[0]:2d}/{len(runnable)}] {status:9s} {m.name} ({seconds:.0f} s) {detail}", flush=True)
+
+        if jobs == 1:
+            for m in runnable:
+                work(m)
+        else:
+            pool = ThreadPoolExecutor(jobs)
+            futures = [pool.submit(work, m) for m in runnable]
+            try:
+                for f in futures:
+                    f.result()
+            finally:  # on Ctrl-C: stop queued work, kill running tests; workers restore their files
+                if sys.exc_info()[0] is not None:
+                    STOP.set()
+                    for proc in list(RUNNING):
+                        kill(proc)
+                pool.shutdown(wait=True)
+    except KeyboardInterrupt:
+        STOP.set()
+        print("\ninterrupted; every file is restored. Results so far:")
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    by = {}
+    for m in mutants:
+        if m.name in results:
+            by.setdefault(results[m.name][0], []).append(m)
+    killed = len(by.get("KILLED", [])) + len(by.get("TIMEOUT", []))
+    survived = by.get("SURVIVED", [])
+    scored = killed + len(survived)
+    print()
+    if scored:
+        print(f"score: {killed}/{scored} killed = {100.0 * killed / scored:.1f} %"
+              + (f" ({len(by['TIMEOUT'])} by timeout)" if by.get("TIMEOUT") else ""))
+    for label in ("SURVIVED", "STALE", "BASELINE-FAIL", "ERROR"):
+        for m in by.get(label, []):
+            extra = results[m.name][2]
+            print(f"{label:13s} {m.name}: {m.description} [{m.file}; tests: {' '.join(m.tests)}] {extra}")
+    return 0 if scored and not survived and not any(by.get(k) for k in ("STALE", "BASELINE-FAIL", "ERROR")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Every bad input ends in one clear line (issue 12): for each, the exit status, no traceback, and
+what the line says. The fault side (kills, a full disk) is tests/test_faults.py."""
+import json
+import math
+import os
+import re
+
+import pytest
+import yaml
+
+from mbn import UserError
+from mbn.data import load_cifar
+from mbn.tracking import progress_postfix, to_json
+from mbn.validate import problems
+from tests.conftest import TINY, make_cfg, run_cli
+from tests.test_data import write_fake_cifar
+
+
+def one_line_error(r, status=2):
+    """The process ended with `status` and said why in one `error:` line, without a traceback."""
+    out = r.stderr + r.stdout
+    assert r.returncode == status, out
+    assert "Traceback" not in out, out
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    return errors[0]
+
+
+def strict_json(text):
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+# ------------------------------------------------------------------------ bad values
+@pytest.mark.parametrize("overrides,says", [
+    (["norm=mbn", "norm.lam=[-1]", "optim.lr=-1", "train.epochs=0"],
+     ["norm.lam=[-1.0]: MBN's λ (every value) must lie in [0, 1]",
+      "optim.lr=-1.0: the learning rate must be a number > 0", "train.epochs=0: the number of epochs must be"]),
+    (["norm=mbn", "norm.lam=[2]", "train.steps=0"],
+     ["norm.lam=[2.0]: MBN's λ (every value) must lie in [0, 1]", "train.steps=0: the step budget must be"]),
+])
+def test_out_of_range_values_are_refused_before_anything_is_written(tmp_path, overrides, says):
+    """One process per row would cost seconds each: every out-of-range value is named in the one
+    line, so a process with several shows each row's message (problems() checks them one by one)."""
+    run_dir = tmp_path / "runs" / "r"
+    line = one_line_error(run_cli("train.py", *TINY, *overrides, f"hydra.run.dir={run_dir}"))
+    for text in says:
+        assert text in line
+    assert not run_dir.exists()  # not even Hydra's .hydra/
+    for override, text in zip(overrides[1:], says):  # and each alone
+        found = problems(make_cfg(TINY + ["norm=mbn", override]))
+        assert len(found) == 1 and found[0].startswith(text)
+
+
+def test_every_scheduled_value_is_checked_and_the_paper_configs_pass():
+    for norm in ("bn", "brn", "mbn", "normprop"):
+        for data in ("cifar10", "cifar100", "synthetic", "imagenet"):
+            assert problems(make_cfg([f"norm={norm}", f"data={data}"])) == []
+    bad = problems(make_cfg(["norm=brn", "norm.relax_start=1.5", "norm.r_max=0.5", "schedule.milestones=[0.6,0.4]"]))
+    assert [p.split("=")[0] for p in bad] == ["norm.r_max", "norm.relax_start", "schedule.milestones"]
+    assert "need 1 milestone," in problems(make_cfg(["norm=mbn", "norm.lam=[0.1,0.9]"]))[0]
+    assert problems(make_cfg(["norm=mbn", "norm.lam=[0.5]", "norm.eta=1.5"])) == [
+        "norm.eta=1.5: MBN's η must lie in [0, 1]; the paper's is 0.9"]
+
+
+# ------------------------------------------------------------------------ divergence
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    from mbn.checkpoint import load_checkpoint
+
+    r = run_cli("train.py", *TINY, "train.epochs=3", "optim.lr=100000", f"hydra.run.dir={tmp_path}")
+    line = one_line_error(r, status=3)
+    summary = strict_json((tmp_path / "metrics.json").read_text())
+    assert summary["status"] == "diverged" and summary["finished"] is False and summary["train_loss"] is None
+    epoch, step = summary["epoch"], summary["step"]
+    assert epoch <= 2 and f"epoch {epoch} (up to step {step})" in line and "training diverged" in line
+    if epoch > 1:  # the diverged epoch was not checkpointed
+        assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == epoch - 1
+    else:
+        assert not (tmp_path / "checkpoint.pt").exists()
+    history = [strict_json(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(1, epoch))
+
+
+def test_json_is_strict_everywhere():
+    text = to_json({"loss": float("nan"), "values": [float("inf"), -float("inf"), 1.5], "n": 3})
+    assert strict_json(text) == {"loss": None, "values": [None, None, 1.5], "n": 3}
+    assert "NaN" not in to_json({"x": math.nan})
+
+
+# ------------------------------------------------------------------------ files
+def test_garbage_checkpoint_names_the_file_and_what_to_do(tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(b"this is not a checkpoint\n" * 10)
+    line = one_line_error(run_cli("train.py", *TINY, f"hydra.run.dir={tmp_path}"))
+    assert str(ckpt) in line and "not a readable checkpoint" in line and "move it away" in line
+    line = one_line_error(run_cli("eval.py", f"ckpt={ckpt}"))
+    assert str(ckpt) in line and "move it away" in line
+    assert ckpt.read_bytes().startswith(b"this is not")  # left alone
+
+
+def test_truncated_cifar_file_names_it_and_the_rebuild_command(tmp_path):
+    write_fake_cifar(str(tmp_path), "cifar10")
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])
+    r = run_cli("train.py", "data=cifar10", f"data.root={tmp_path}", "device=cpu", f"hydra.run.dir={tmp_path}/run")
+    line = one_line_error(r)
+    assert f"{batch} is unreadable" in line and "build_cifar.py --root" in line
+
+
+def test_missing_test_batch_is_named_first(tmp_path):
+    write_fake_cifar(str(tmp_path), "cifar10")
+    os.remove(tmp_path / "cifar-10-batches-py" / "test_batch")
+    with pytest.raises(UserError) as e:
+        load_cifar("cifar10", str(tmp_path), download=False)
+    assert str(e.value).startswith(f"cifar10 is incomplete: {tmp_path}/cifar-10-batches-py/ lacks test_batch (")
+
+
+def test_download_hint_only_when_download_is_off(tmp_path, monkeypatch):
+    monkeypatch.setattr("mbn.data._download", lambda name, root: "URLError: offline")
+    with pytest.raises(UserError) as e:
+        load_cifar("cifar100", str(tmp_path), download=True)
+    assert "data.download=true" not in str(e.value) and "downloading it failed (URLError: offline)" in str(e.value)
+    with pytest.raises(UserError, match="run with data.download=true"):
+        load_cifar("cifar100", str(tmp_path), download=False)
+
+
+# ------------------------------------------------------------------------ configs and help
+def test_help_describes_the_main_keys_and_offers_no_schema():
+    r = run_cli("train.py", "--help")
+    assert r.returncode == 0 and "powered by Hydra" not in r.stdout and "schema" not in r.stdout
+    for key in ("model=", "norm=", "norm.lam=", "train.double_forward=", "train.epochs=", "optim.lr=",
+                "schedule.milestones=", "hydra.run.dir=", "resume="):
+        assert key in r.stdout, key
+    cfg = make_cfg([])
+    assert f"optim.lr={cfg.optim.lr}" in r.stdout and f"train.epochs={cfg.train.epochs}" in r.stdout
+    mbn = make_cfg(["norm=mbn"]).norm  # the MBN lines are typed in: they must equal configs/norm/mbn.yaml
+    typed = dict(re.findall(r"^\s+norm\.(\w+)=(\S+)", r.stdout, re.M))
+    assert typed.keys() == {"lam", "memory_size", "eta"}
+    for key, text in typed.items():
+        assert yaml.safe_load(text) == (list(mbn[key]) if key == "lam" else mbn[key]), key
+
+
+@pytest.mark.parametrize("choice", ["model=schema", "norm=mbn_schema"])
+def test_schemas_are_not_choices(choice):
+    r = run_cli("train.py", choice)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    options = r.stderr.split("Available options")[1].split("Config search path")[0]
+    assert "resnet20" in options or "mbn" in options
+    assert "schema" not in options
+
+
+def test_cifar_run_records_only_its_data_fields_and_no_empty_log(tmp_path):
+    write_fake_cifar(str(tmp_path), "cifar10")  # 4 images a file
+    run_dir = tmp_path / "run"
+    r = run_cli("train.py", "data=cifar10", f"data.root={tmp_path}", "device=cpu", "train.epochs=1",
+                "train.batch_size=4", "train.eval_batch_size=4", "train.progress=false", f"hydra.run.dir={run_dir}")
+    assert r.returncode == 0, r.stderr
+    assert "(1 epoch)" in r.stdout and "(1 epochs)" not in r.stdout
+    record = strict_json((run_dir / "run_record.json").read_text())
+    assert set(record["config"]["data"]) == {"name", "num_classes", "root", "download", "augment"}
+    assert not (run_dir / "train.log").exists()
+    strict_json((run_dir / "metrics.json").read_text())
+    assert (run_dir / ".hydra" / "config.yaml").exists()  # Hydra's record of the config stays
+
+
+def test_progress_postfix_shows_the_current_lr_and_scheduled_values():
+    assert progress_postfix(0.01, {"lam": 0.5}) == {"lr": "0.01", "λ": "0.5"}
+    assert progress_postfix(0.1, {"r_max": 1.5, "d_max": 0.25}, loss=2.30259, err=90.0) == {
+        "loss": "2.303", "err": "90.0", "lr": "0.1", "r_max": "1.5", "d_max": "0.25"}
+

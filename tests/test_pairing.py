@@ -1,0 +1,58 @@
+"""Runs of one seed are paired across normalizers (issue 10 §1): the same initial convolution and
+linear weights and the same training batches, so a per-seed difference measures the normalizer
+and nothing else. The paired differences in the tables rest on this."""
+import pytest
+import torch
+
+from mbn.data import make_loaders
+from mbn.norms import NORMS
+from tests.conftest import make_cfg
+
+try:  # the builders moved out of the engine (issue 11); either place will do
+    from mbn.build import make_model
+except ImportError:  # pragma: no cover
+    from mbn.engine import make_model
+
+SMALL = ["data=synthetic", "data.train_size=64", "data.test_size=32", "train.batch_size=32"]
+
+
+def _norms_for(model):
+    plain = model in ("nin", "vgg16")
+    return [n for n in sorted(NORMS) if plain or NORMS[n].residual_ok]
+
+
+def _weights(model, norm, seed):
+    cfg = make_cfg(SMALL + [f"model={model}", f"norm={norm}", f"seed={seed}"])
+    torch.manual_seed(seed)
+    net = make_model(cfg)
+    return {name: m.weight.detach().clone() for name, m in net.named_modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+
+
+@pytest.mark.parametrize("model", ["resnet20", "nin"])
+def test_same_seed_same_initial_weights_for_every_normalizer(model):
+    norms = _norms_for(model)
+    assert {"bn", "brn", "mbn"} <= set(norms)
+    ref = _weights(model, "bn", 1)
+    for norm in norms:
+        w = _weights(model, norm, 1)
+        assert w.keys() == ref.keys(), f"{norm}: other conv/linear layers than bn"
+        for name in ref:
+            assert torch.equal(w[name], ref[name]), f"{model} {norm}: {name} differs from bn's"
+    other = _weights(model, "bn", 0)
+    assert not any(torch.equal(other[k], v) for k, v in ref.items())  # the seed matters
+
+
+def test_same_seed_same_training_batches_for_every_normalizer():
+    def batches(norm, seed):
+        cfg = make_cfg(SMALL + ["model=resnet20", f"norm={norm}", f"seed={seed}"])
+        train, _ = make_loaders(cfg, torch.device("cpu"))
+        return [(x.clone(), y.clone()) for x, y in train.epoch(1)]
+
+    ref = batches("bn", 3)
+    for norm in _norms_for("resnet20"):
+        got = batches(norm, 3)
+        assert len(got) == len(ref) == 2
+        for (x, y), (rx, ry) in zip(got, ref):
+            assert torch.equal(x, rx) and torch.equal(y, ry), f"{norm}: other training batches than bn's"
+    assert not torch.equal(batches("bn", 0)[0][0], ref[0][0])  # the seed matters
