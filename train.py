@@ -6,9 +6,12 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from mbn import UserError
 from mbn.config import register_configs
+from mbn.tracking import Diverged
+from mbn.validate import validate
 
 register_configs()
 
@@ -37,8 +40,6 @@ def discard_unstarted(run_dir: str) -> None:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg):
-    from mbn.validate import validate
-
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
     try:
@@ -50,6 +51,11 @@ def main(cfg):
 
     try:
         return fit(cfg, run_dir, hc.overrides.task).get("test_err")  # for sweepers
+    except Diverged as e:
+        if hc.mode != RunMode.MULTIRUN:
+            fail(e)
+        print(f"error: {e}", file=sys.stderr)  # one diverged run of a sweep (its metrics.json says so)
+        return None                            # does not end the sweep
     except UserError as e:
         fail(e)
 

@@ -21,6 +21,9 @@ class DataConfig:
     config (and the run record) never lists settings that do not apply."""
     name: str = MISSING              # cifar10 | cifar100 | synthetic | imagenet
     num_classes: int = 10
+    # dataset: standardize images with the training set's channel mean/std | bn: leave them in [0, 1]
+    # for the model's own input BN (Revisiting-BN, norm=rbn). Default: the normalizer's norm.input_norm
+    input_norm: str = "${oc.select:norm.input_norm,dataset}"
 
 
 @dataclass

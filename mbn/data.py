@@ -231,12 +231,18 @@ class Batches:
 
 def make_loaders(cfg, device, rank: int = 0, world: int = 1, channels_last: bool = False):
     """(train batches, test batches) for the configured dataset."""
+    input_norm = cfg.data.get("input_norm", "dataset")  # bn: [0, 1] images, for the model's own input BN
+    if input_norm != "dataset" and (input_norm != "bn" or cfg.norm.get("input_norm") is None
+                                    or cfg.data.name == "imagenet"):
+        raise UserError(f"data.input_norm={input_norm} with norm={cfg.norm.name}, data={cfg.data.name}: use 'dataset'; "
+                        "'bn' ([0, 1] images) needs CIFAR or synthetic data and a normalizer with an input BN "
+                        "(one with a norm.input_norm key, e.g. norm=rbn)")
     if cfg.data.name == "imagenet":
         from mbn.imagenet import imagenet_loaders
 
         return imagenet_loaders(cfg, device, rank, world, channels_last)
     train, test = load_dataset(cfg.data)
-    mean, std = channel_stats(train.images)
+    mean, std = channel_stats(train.images) if input_norm == "dataset" else (torch.zeros(3), torch.ones(3))
     return (Batches(train, cfg.train.batch_size, mean, std, device, True, cfg.data.augment, cfg.seed,
                     channels_last, rank, world),
             Batches(test, cfg.train.eval_batch_size, mean, std, device, False, False, 0, channels_last))

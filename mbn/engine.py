@@ -197,7 +197,8 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
                    wall_time=sum(h["epoch_time"] for h in history), world_size=world)
     if not stopped_early:
         summary.update(run.final_evaluations())
-        write_json(done_path, {**summary, "status": "finished"})
+        summary["status"] = "finished"
+        write_json(done_path, summary)
         print(f"final test error {summary['test_err']:.2f}% after {step} steps ({plural(run.num_epochs, 'epoch')}); "
               f"run dir {run_dir}")
     tracker.finish(summary)

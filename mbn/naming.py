@@ -6,7 +6,7 @@ names, the resume check and the tables all read it."""
 import hashlib
 import json
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 RUN_FREE = ("hydra", "logger", "resume", "device", "name", "data.root", "data.download",
             "train.stop_after", "train.progress", "train.eval_batch_size", "train.time_limit")
@@ -20,8 +20,9 @@ def run_changing(key: str) -> bool:
 
 def identity(cfg) -> dict:
     """The part of a config that determines a run's result."""
-    if isinstance(cfg, (DictConfig, ListConfig)):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, DictConfig):  # drop `hydra` before resolving: its sweep subdir calls run_id
+        cfg = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+               for k in cfg if run_changing(k)}
 
     def keep(d, prefix):
         return {k: keep(v, f"{prefix}{k}.") if isinstance(v, dict) else v

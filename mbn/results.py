@@ -339,6 +339,7 @@ def provenance(runs: List[dict], sweep: dict) -> dict:
     out = {"schedule": f"{sweep['epochs']} epochs" + ("" if sweep["epochs"] == 200 else " (shortened; the paper: 200)"),
            "seeds asked": len(sweep["seeds"]), "extra overrides": " ".join(sweep["extra"]) or "none",
            "devices": sorted({r.get("device", "unknown") for r in records}) or ["none"],
+           "precision": sorted({str((r.get("perf") or {}).get("precision", "unknown")) for r in records}) or ["none"],
            "commits": commits or ["none"],
            "torch": sorted({(r.get("versions") or {}).get("torch", "unknown") for r in records}) or ["none"],
            "dates": f"{dates[0]} .. {dates[-1]}" if dates else "none", "runs found": len(runs)}
@@ -466,12 +467,12 @@ def render(grid: Grid, rows, prov: dict, note: str = "", synthetic: bool = False
     w = csv.writer(buf)
     keys = ["mean", "std", "n"]
     w.writerow([grid.row_label, grid.col_label] + keys + ["delta_mean", "delta_lo", "delta_hi", "delta_n"]
-               + (["paper", "paper_delta", "paper_delta_in_ci", "verdict"] if use_paper else []))
+               + (["paper", "diff", "paper_delta", "paper_delta_in_ci", "verdict"] if use_paper else []))
     for r in rows:
         d = r["delta"] or {}
         vals = [r[k] for k in keys] + [d.get("mean"), d.get("lo"), d.get("hi"), d.get("n")]
         if use_paper:
-            vals += [r["paper"], r["paper_delta"], r["paper_delta_in_ci"], r["verdict"]]
+            vals += [r["paper"], r["diff"], r["paper_delta"], r["paper_delta_in_ci"], r["verdict"]]
         w.writerow([r[grid.row_label], r[grid.col_label]] + ["" if v is None else v for v in vals])
     return "\n".join(md) + "\n", buf.getvalue()
 

@@ -86,7 +86,7 @@ def stop_if_diverged(train_loss: float, epoch: int, step: int, run_dir=None) -> 
         write_json(os.path.join(run_dir, "metrics.json"),
                    {"status": "diverged", "finished": False, "epoch": epoch, "step": step,
                     "train_loss": train_loss, "last_good_epoch": epoch - 1})
-    kept = f"its checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no checkpoint was written"
+    kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no checkpoint was written"
     raise Diverged(f"training diverged: the training loss of epoch {epoch} (up to step {step}) is {train_loss}; "
                    f"{kept}. Start a new run (another hydra.run.dir) with a smaller optim.lr")
 

@@ -1,18 +1,22 @@
-"""Training throughput in one process: a plain eager fp32 PyTorch loop against our train step.
+"""Training throughput in one process: a plain eager fp32 PyTorch loop against our training step.
 
     python scripts/bench.py                       # GPU: ResNet-56, batch 128 and 8; writes results/bench.md
-    python scripts/bench.py --concurrent 8        # + aggregate img/s of 8 processes (MPS if available)
+    python scripts/bench.py --only b d --json     # some configurations, JSON lines only
     python scripts/bench.py --tiny --device cpu   # seconds on a CPU: proves the script works
 
-Configurations: (a) reference: eager fp32 loop written below, nn.BatchNorm2d; (b) our BN, single
-forward; (c) MBN single forward; (d) MBN double forward; (e) BRN double forward. (b)-(e) use the
-framework's train step with the device's default perf settings (GPU: bf16, channels_last,
-torch.compile). Images are random tensors already on the device: this measures the step."""
+Configurations: (a) reference: the eager fp32 loop written below with nn.BatchNorm2d on one fixed
+batch; (b) our BN-1; (c) MBN-1; (d) MBN-2; (e) BRN-2; (f) our BN-1 without the CUDA graph (compile
+only). (b)-(f) run the framework's own training step (`mbn.engine.Run`: the device-side data plan,
+the device's default perf settings — on a GPU bf16, channels_last, torch.compile and one CUDA
+graph replay per step) on synthetic CIFAR-shaped data held on the device. `scripts/gpu_check.py`
+runs every configuration in its own process; with $MBN_BENCH_LOCK set, processes compile in
+parallel and take turns for the timed part."""
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -22,14 +26,15 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
-from mbn.build import autocast_for, make_model, make_optimizer, resolve_device, resolve_perf  # noqa: E402
-from mbn.step import train_step  # noqa: E402
+from mbn.build import resolve_device  # noqa: E402
+from mbn.engine import Run  # noqa: E402
 from mbn.results import REPO, compose  # noqa: E402
 from mbn.tracking import git_state  # noqa: E402
 
-CONFIGS = {"a": ("reference eager fp32, nn.BatchNorm2d", None, False),
-           "b": ("ours BN-1", "bn", False), "c": ("ours MBN-1", "mbn", False),
-           "d": ("ours MBN-2", "mbn", True), "e": ("ours BRN-2", "brn", True)}
+CONFIGS = {"a": ("reference eager fp32, nn.BatchNorm2d", None, False, ()),
+           "b": ("ours BN-1", "bn", False, ()), "c": ("ours MBN-1", "mbn", False, ()),
+           "d": ("ours MBN-2", "mbn", True, ()), "e": ("ours BRN-2", "brn", True, ()),
+           "f": ("ours BN-1, no CUDA graph", "bn", False, ("perf.cuda_graph=false",))}
 
 
 def reference_step(model, opt, x, y):
@@ -41,51 +46,86 @@ def reference_step(model, opt, x, y):
     return loss
 
 
-def measure(key, model_name, batch, steps, warmup, device, size, perf_overrides=()):
-    label, norm, double = CONFIGS[key]
+@contextlib.contextmanager
+def turn():
+    """Hold the file lock named by $MBN_BENCH_LOCK (if any) while timing."""
+    path = os.environ.get("MBN_BENCH_LOCK")
+    if not path:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build(key, model_name, batch, device, size, extra=()):
+    """A zero-argument step function and the perf settings it runs with."""
+    label, norm, double, overrides = CONFIGS[key]
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, size, size, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
     if norm is None:
         model = models.build_model(model_name, 10, torch.nn.BatchNorm2d, torch.nn.ReLU).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-        step = lambda: reference_step(model, opt, x, y)  # noqa: E731
-        perf = {"precision": "fp32", "channels_last": False, "compile": False}
-    else:
-        cfg = compose([f"model={model_name}", f"norm={norm}", "data=synthetic", *perf_overrides])
-        perf = resolve_perf(cfg.perf, device)
-        model = make_model(cfg).to(device)
-        if perf["channels_last"]:
-            model = model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        opt = make_optimizer(cfg, model)
-        fwd = torch.compile(model, mode=perf["compile_mode"]) if perf["compile"] else model
-        autocast = autocast_for(perf, device)
-        for g in opt.param_groups:
-            g["lr"] = 0.01
-        step = lambda: train_step(model, opt, x, y, double, autocast, fwd)  # noqa: E731
-    model.train()
+        x = torch.randn(batch, 3, size, size, device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
+        return (lambda: reference_step(model, opt, x, y)), {"precision": "fp32", "channels_last": False,
+                                                            "compile": False, "cuda_graph": False}
+    cfg = compose([f"model={model_name}", f"norm={norm}", "data=synthetic", f"data.train_size={batch * 50}",
+                   f"train.batch_size={batch}", f"train.double_forward={double}", "optim.lr=0.01",
+                   f"device={device}", *overrides, *extra])
+    run = Run(cfg, device)
+    run.model.train()
+    state = {"i": 0}
+
+    def step():
+        if state["i"] % run.per_epoch == 0:
+            run.train_batches.start_epoch(state["i"] // run.per_epoch)
+        run.schedule(0)
+        run.step()
+        state["i"] += 1
+
+    return step, run.perf
+
+
+def measure(key, model_name, batch, steps, warmup, device, size=32, extra=()):
+    step, perf = build(key, model_name, batch, device, size, extra)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    elapsed = time.perf_counter() - t0
-    return {"key": key, "config": label, "batch": batch, "images_per_s": batch * steps / elapsed,
-            "ms_per_step": 1000 * elapsed / steps, "perf": {k: perf[k] for k in ("precision", "channels_last", "compile")}}
+    warm_s = time.perf_counter() - t0
+    with turn():
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        elapsed = time.perf_counter() - t0
+    return {"key": key, "config": CONFIGS[key][0], "model": model_name, "batch": batch,
+            "images_per_s": batch * steps / elapsed, "ms_per_step": 1000 * elapsed / steps, "warmup_s": warm_s,
+            "perf": {k: perf[k] for k in ("precision", "channels_last", "compile", "cuda_graph")}}
 
 
-def concurrent(n, args):
-    """Aggregate throughput of n processes each running config (d) at the first batch size."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--only", "d", "--json", "--model", args.model,
-           "--batch-sizes", str(args.batch_sizes[0]), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--device", args.device] + (["--tiny"] if args.tiny else [])
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
-    results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
-    return sum(r[0]["images_per_s"] for r in results)
+def table(rows, title) -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu {platform.machine()}"
+    git = git_state()
+    lines = [f"# {title}", "", "Generated by `scripts/bench.py` / `scripts/gpu_check.py` from one run; do not edit.", "",
+             f"- device: {device}", f"- torch {torch.__version__}, commit {git['commit']}" + (" (dirty)" if git["dirty"] else ""),
+             f"- date {time.strftime('%Y-%m-%d %H:%M')}", "",
+             "| model | config | batch | img/s | ms/step | vs (a) | vs (b) | precision | channels_last | compile | graph |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        same = {x["key"]: x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"]}
+        ra = r["images_per_s"] / same["a"]["images_per_s"] if "a" in same else None
+        rb = r["images_per_s"] / same["b"]["images_per_s"] if "b" in same else None
+        p = r["perf"]
+        lines.append(f"| {r['model']} | ({r['key']}) {r['config']} | {r['batch']} | {r['images_per_s']:.0f} | "
+                     f"{r['ms_per_step']:.2f} | {'—' if ra is None else f'{ra:.2f}'} | {'—' if rb is None else f'{rb:.2f}'} | "
+                     f"{p['precision']} | {p['channels_last']} | {p['compile']} | {p['cuda_graph']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -95,46 +135,27 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 8])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=30)
-    ap.add_argument("--only", nargs="*", default=list(CONFIGS))
-    ap.add_argument("--concurrent", type=int, nargs="*", default=[])
-    ap.add_argument("--tiny", action="store_true", help="16x16 images, resnet20, few steps: for CPU tests")
-    ap.add_argument("--json", action="store_true", help="print results as JSON only")
+    ap.add_argument("--only", nargs="*", default=list("abcde"))
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes: resnet20, batch 8 and 4, 3 steps")
+    ap.add_argument("--json", action="store_true", help="print one JSON line per measurement only")
     ap.add_argument("--out", default=os.path.join(REPO, "results", "bench.md"))
     args = ap.parse_args(argv)
     device = resolve_device(args.device)
-    size = 32
+    extra = ()
     if args.tiny:
-        args.model, size = "resnet20", 16
-        args.batch_sizes = [8, 4]
+        args.model, args.batch_sizes = "resnet20", [8, 4]
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
-    rows = [measure(k, args.model, b, args.steps, args.warmup, device, size) for b in args.batch_sizes for k in args.only]
-    if args.json:
-        print(json.dumps(rows))
-        return 0
-    lines = [f"# Training throughput: {args.model}, images/s after {args.warmup} warm-up steps, {args.steps} timed steps",
-             "", "Generated by `scripts/bench.py`" + (" --tiny (CPU smoke sizes, not a measurement)" if args.tiny else ""), "",
-             f"- device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu ' + platform.machine()}",
-             f"- torch {torch.__version__}, commit {git_state()['commit']}" + (" (dirty)" if git_state()["dirty"] else ""),
-             f"- date {time.strftime('%Y-%m-%d %H:%M')}", "",
-             "| config | batch | img/s | ms/step | vs (a) | vs (b) | precision | channels_last | compile |",
-             "|---|---|---|---|---|---|---|---|---|"]
+        extra = ("perf.compile=false",)
+    rows = []
     for b in args.batch_sizes:
-        by = {r["key"]: r for r in rows if r["batch"] == b}
-        for k, r in by.items():
-            ra = r["images_per_s"] / by["a"]["images_per_s"] if "a" in by else float("nan")
-            rb = r["images_per_s"] / by["b"]["images_per_s"] if "b" in by else float("nan")
-            p = r["perf"]
-            lines.append(f"| ({k}) {r['config']} | {b} | {r['images_per_s']:.0f} | {r['ms_per_step']:.2f} | {ra:.2f} | "
-                         f"{rb:.2f} | {p['precision']} | {p['channels_last']} | {p['compile']} |")
-    if args.concurrent:
-        one = next(r["images_per_s"] for r in rows if r["key"] == "d" and r["batch"] == args.batch_sizes[0]) \
-            if "d" in args.only else None
-        lines += ["", f"Concurrent processes, config (d), batch {args.batch_sizes[0]}:", "",
-                  "| processes | aggregate img/s | vs one process |", "|---|---|---|"]
-        for n in args.concurrent:
-            agg = concurrent(n, args)
-            lines.append(f"| {n} | {agg:.0f} | {agg / one:.2f} |" if one else f"| {n} | {agg:.0f} | — |")
-    text = "\n".join(lines) + "\n"
+        for k in args.only:
+            rows.append(measure(k, args.model, b, args.steps, args.warmup, device, extra=extra))
+            if args.json:
+                print(json.dumps(rows[-1]), flush=True)
+    if args.json:
+        return 0
+    text = table(rows, f"Training throughput: {args.model}, images/s after {args.warmup} warm-up steps, "
+                       f"{args.steps} timed steps" + (" (--tiny: CPU smoke sizes, not a measurement)" if args.tiny else ""))
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -4,6 +4,7 @@
     python scripts/mutants.py --list              # the list, and which snippets no longer match (STALE)
     python scripts/mutants.py --only brn_lower_clip step_lr_late
     python scripts/mutants.py --jobs 2            # two mutants at a time (each in its own copy)
+    python scripts/mutants.py --only step_lr_late --tests tests/test_schedules.py   # one test's verdict
 
 Each mutant is (name, file, exact original snippet, replacement, tests, description). By default
 the work happens in a scratch copy of the working tree (tracked and untracked, not ignored), so the
@@ -17,6 +18,7 @@ without any mutant (checked first, once) make their mutants BASELINE-FAIL, not s
 Not part of CI: a full run takes minutes.
 """
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -53,7 +55,9 @@ T_REG = "tests/test_regressions.py"
 T_DF = "tests/test_double_forward.py"
 T_SCHED = "tests/test_schedules.py"
 T_DATA = "tests/test_data.py"
-RESUME_BN = "tests/test_train.py::test_interrupted_and_resumed_run_is_bitwise_identical[bn]"
+# a resumed run equals an uninterrupted one: the small ImageNet-path test first, the CIFAR one after
+RESUME = ("tests/test_regressions.py::test_resume_continues_the_global_rng_stream "
+          "tests/test_train.py::test_interrupted_and_resumed_run_is_bitwise_identical[bn]")
 
 MUTANTS: List[Mutant] = [
     # ------------------------------------------------------------------ normalizers
@@ -156,7 +160,7 @@ MUTANTS: List[Mutant] = [
       "normalization statistics taken from the test set"),
     # ------------------------------------------------------------------ checkpoints and resume
     M("optimizer_not_restored", "mbn/engine.py", '        optimizer.load_state_dict(state["optimizer"])\n', "",
-      RESUME_BN, "resume starts SGD momentum from zero"),
+      RESUME, "resume starts SGD momentum from zero"),
     M("rng_not_restored", "mbn/engine.py",
       '        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])\n', "",
       f"{T_REG}::test_resume_continues_the_global_rng_stream", "resume skips restoring the global RNG state"),
@@ -164,7 +168,7 @@ MUTANTS: List[Mutant] = [
       f"{T_REG}::test_rng_state_round_trip_continues_every_global_stream",
       "set_rng_state restores python's and numpy's generators but not torch's"),
     M("checkpoint_epoch_off_by_one", "mbn/engine.py", '"epoch": epoch + 1, "step": step, "rng": rngs,',
-      '"epoch": epoch, "step": step, "rng": rngs,', RESUME_BN, "the checkpoint records the epoch it is in, not the one done"),
+      '"epoch": epoch, "step": step, "rng": rngs,', RESUME, "the checkpoint records the epoch it is in, not the one done"),
     # ------------------------------------------------------------------ run ids and tables
     M("run_id_ignores_norm", "mbn/naming.py", "hashlib.sha1(json.dumps(d, sort_keys=True).encode())",
       'hashlib.sha1(json.dumps({k: v for k, v in d.items() if k != "norm"}, sort_keys=True).encode())',
@@ -275,8 +279,21 @@ def baseline_failures(mutants: List[Mutant], root: str, timeout: float) -> List[
     return re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)
 
 
+BACKUP = ".mutant-orig"  # the unmutated file, next to it while a mutant is planted
+
+
+def write_exact(path: str, data: bytes, like: os.stat_result) -> None:
+    """Replace `path` atomically by `data` with the permissions and times of `like`."""
+    tmp = path + ".mutant-tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, like.st_mode & 0o7777)
+    os.utime(tmp, ns=(like.st_atime_ns, like.st_mtime_ns))
+    os.replace(tmp, path)
+
+
 def apply_and_test(m: Mutant, root: str, timeout: float):
-    """Plant `m` in root, run its tests, restore the file exactly. Returns (status, seconds)."""
+    """Plant `m` in root, run its tests, restore the file exactly. Returns (status, seconds, detail)."""
     path = os.path.join(root, m.file)
     with open(path, "rb") as f:
         original = f.read()
@@ -285,17 +302,18 @@ def apply_and_test(m: Mutant, root: str, timeout: float):
     if text.count(m.original) != 1:
         return "STALE", 0.0, ""
     t0 = time.perf_counter()
+    shutil.copy2(path, path + BACKUP)  # survives even a SIGKILL of this script
     try:
-        with open(path, "wb") as f:
-            f.write(text.replace(m.original, m.replacement).encode("utf-8"))
+        now = os.stat(path)
+        write_exact(path, text.replace(m.original, m.replacement).encode("utf-8"), now)
+        os.utime(path)  # a new mtime, so no cached bytecode of the original is trusted
         code, out = run_pytest(["-x", "-rfE", *m.tests], root, timeout)
     finally:
-        with open(path, "wb") as f:
-            f.write(original)
-        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        write_exact(path, original, stat)
         with open(path, "rb") as f:
             if f.read() != original:
-                raise RuntimeError(f"could not restore {path}")
+                raise RuntimeError(f"could not restore {path}; the original is in {path + BACKUP}")
+        os.remove(path + BACKUP)
     seconds = time.perf_counter() - t0
     if code is None:
         return "TIMEOUT", seconds, ""
@@ -311,11 +329,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true", help="list the mutants and whether their snippets match")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
+    ap.add_argument("--tests", nargs="+", metavar="SELECTION",
+                    help="run these tests instead of each mutant's own (e.g. to see one test kill a mutant)")
     ap.add_argument("--jobs", type=int, default=1, help="mutants tested at the same time (default 1)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per mutant's tests (default 300)")
     ap.add_argument("--in-place", action="store_true", help="mutate this checkout instead of a scratch copy")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selected tests")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` restores files like Ctrl-C
 
     names = [m.name for m in MUTANTS]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -327,6 +349,8 @@ def main(argv=None) -> int:
         if unknown:
             sys.exit(f"unknown mutants {unknown}; see --list")
         mutants = [m for m in MUTANTS if m.name in args.only]
+    if args.tests:
+        mutants = [dataclasses.replace(m, tests=tuple(args.tests)) for m in mutants]
 
     if args.list:
         for m in mutants:
@@ -336,6 +360,11 @@ def main(argv=None) -> int:
         print(f"{len(mutants)} mutants, {stale} stale")
         return 0
 
+    left = sorted({os.path.join(REPO, m.file) + BACKUP for m in MUTANTS
+                   if os.path.exists(os.path.join(REPO, m.file) + BACKUP)})
+    if left:
+        sys.exit("a mutant run was killed before restoring; put the originals back first:\n"
+                 + "\n".join(f"  mv {p} {p[:-len(BACKUP)]}" for p in left))
     jobs = 1 if args.in_place else max(1, args.jobs)
     scratch = None if args.in_place else tempfile.mkdtemp(prefix="mbn-mutants-")
     results = {}

@@ -36,8 +36,8 @@ def band(ax, runs, key, color, lw, name, ls="-"):
 
 
 def caption(fig, prov):
-    text = (f"{prov['schedule']}; seeds per curve ≤ {prov['seeds asked']}; {', '.join(prov['devices'])}; "
-            f"commits {', '.join(prov['commits'])}; overrides: {prov['extra overrides']}")
+    text = (f"{prov['schedule']}; seeds per curve ≤ {prov['seeds asked']}; {', '.join(prov['devices'])}, "
+            f"{'/'.join(prov['precision'])}; commits {', '.join(prov['commits'])}; overrides: {prov['extra overrides']}")
     fig.text(0.01, 0.005, textwrap.fill(text, int(fig.get_figwidth() * 16)), fontsize=7, va="bottom")
 
 

@@ -68,7 +68,7 @@ def test_every_scheduled_value_is_checked_and_the_paper_configs_pass():
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     from mbn.checkpoint import load_checkpoint
 
-    r = run_cli("train.py", *TINY, "train.epochs=3", "optim.lr=100000", f"hydra.run.dir={tmp_path}")
+    r = run_cli("train.py", *TINY, "optim.lr=100000", f"hydra.run.dir={tmp_path}")
     line = one_line_error(r, status=3)
     summary = strict_json((tmp_path / "metrics.json").read_text())
     assert summary["status"] == "diverged" and summary["finished"] is False and summary["train_loss"] is None
@@ -80,6 +80,14 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
         assert not (tmp_path / "checkpoint.pt").exists()
     history = [strict_json(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, epoch))
+
+
+@pytest.mark.slow
+def test_a_diverged_run_does_not_end_a_sweep(tmp_path):
+    r = run_cli("train.py", "-m", *TINY, "train.epochs=3", "optim.lr=100000,0.1", f"hydra.sweep.dir={tmp_path}")
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "error: training diverged" in r.stderr
+    status = sorted(strict_json(p.read_text()).get("status") for p in tmp_path.glob("*/metrics.json"))
+    assert status == ["diverged", "finished"]
 
 
 def test_json_is_strict_everywhere():
@@ -158,7 +166,9 @@ def test_cifar_run_records_only_its_data_fields_and_no_empty_log(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "(1 epoch)" in r.stdout and "(1 epochs)" not in r.stdout
     record = strict_json((run_dir / "run_record.json").read_text())
-    assert set(record["config"]["data"]) == {"name", "num_classes", "root", "download", "augment"}
+    data = set(record["config"]["data"])
+    assert {"name", "num_classes", "root", "download", "augment"} <= data
+    assert not data & {"train_size", "test_size", "seed", "image_size", "workers"}  # synthetic / ImageNet only
     assert not (run_dir / "train.log").exists()
     strict_json((run_dir / "metrics.json").read_text())
     assert (run_dir / ".hydra" / "config.yaml").exists()  # Hydra's record of the config stays

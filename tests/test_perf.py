@@ -91,5 +91,5 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
         assert text.count(f"| ({key}) ") == 2  # two batch sizes
     assert "torch " + torch.__version__ in text and "commit" in text
     r = run_cli("scripts/bench.py", "--tiny", "--device", "cpu", "--only", "a", "b", "--json")
-    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
     assert [row["key"] for row in rows] == ["a", "b", "a", "b"] and all(row["images_per_s"] > 0 for row in rows)

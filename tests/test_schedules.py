@@ -52,11 +52,12 @@ def test_linear_ramp_ends_and_middle():
 
 
 def test_training_logs_the_new_lr_and_lambda_from_the_milestone_step_on(tmp_path):
-    """8 steps, 4 per epoch, milestones at 37.5 % and 87.5 %: steps 3 and 7 (from 0), the last
-    steps of the two epochs, and the values logged at the end of an epoch are its last step's."""
-    fit(make_cfg(TINY + ["norm=mbn", "schedule.milestones=[0.375,0.875]", "norm.lam_milestones=[0.375,0.875]"]),
+    """8 steps, 4 per epoch, milestones at 50 % and 87.5 %: step 4 (counting from 0) opens epoch 2
+    and step 7 closes it. The values logged at the end of an epoch are its last step's, so epoch 1
+    must end before the first switch and epoch 2 after the second."""
+    fit(make_cfg(TINY + ["norm=mbn", "schedule.milestones=[0.5,0.875]", "norm.lam_milestones=[0.5,0.875]"]),
         str(tmp_path))
     history = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [h["step"] for h in history] == [4, 8]
-    assert [h["lr"] for h in history] == pytest.approx([0.01, 0.001], rel=1e-12)
-    assert [h["lam"] for h in history] == pytest.approx([0.5, 0.9])
+    assert [h["lr"] for h in history] == pytest.approx([0.1, 0.001], rel=1e-12)
+    assert [h["lam"] for h in history] == pytest.approx([0.1, 0.9])

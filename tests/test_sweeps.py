@@ -88,8 +88,8 @@ def test_missing_runs_are_missing_not_zero(tmp_path):
 
 def test_figures_from_a_sweep(tmp_path):
     root = tmp_path / "runs"
-    r = run_cli("scripts/sweep.py", "figure1", "--epochs", "2", "--seeds", "2", "--root", str(root), *TINY,
-                "model=resnet20")
+    r = run_cli("scripts/sweep.py", "figure1", "--epochs", "2", "--seeds", "2", "--norms", "mbn", "--root", str(root),
+                *TINY, "model=resnet20")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "results"
     r = run_cli("scripts/plot_curves.py", "--runs", str(root / "e2-synthetic"), "--out", str(out))
