@@ -130,6 +130,10 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
         dist.broadcast_object_list(shared, src=0)
         run_dir = shared[0]
     lead = rank == 0
+    deadline = os.environ.get("MBN_DEADLINE")
+    if deadline and time.time() > float(deadline):  # a sweep job started after the sweep's time ran out
+        print(f"skipping {run_dir}: the sweep's time limit has passed; rerun the sweep to continue")
+        return {"finished": False}
     os.makedirs(run_dir, exist_ok=True)
     seed_everything(cfg.seed + rank, cfg.deterministic)  # data order is seeded separately, per epoch
     run = Run(cfg, device, rank, world)
@@ -253,10 +257,15 @@ def save(run, ckpt_path, epoch, step, history, cfg_dict, wandb_id):
 
 
 def stop_reason(cfg, epochs_done: int, elapsed: float, epoch_wall: float):
-    """Why this invocation should end at this epoch boundary, or None."""
+    """Why this invocation should end at this epoch boundary (None: go on). Another epoch must fit
+    before train.time_limit (seconds since start) and before $MBN_DEADLINE (an absolute time set
+    by `scripts/sweep.py --time-limit` for every job of a sweep)."""
     if cfg.train.stop_after and epochs_done >= cfg.train.stop_after:
         return f"train.stop_after={cfg.train.stop_after}"
     limit = cfg.train.get("time_limit")
-    if limit and elapsed + 1.2 * epoch_wall > limit:  # another epoch would not fit
+    if limit and elapsed + 1.2 * epoch_wall > limit:
         return f"train.time_limit={limit:g}s"
+    deadline = os.environ.get("MBN_DEADLINE")
+    if deadline and time.time() + 1.2 * epoch_wall > float(deadline):
+        return "the sweep's time limit"
     return None

@@ -17,31 +17,35 @@ from mbn.norms import recording
 
 
 class Replay:
-    """Calls `body()` eagerly, or — with `graph` — eagerly for `warmup` calls on a side stream and
-    then as a CUDA graph captured per `key` (the host constants the body bakes in)."""
+    """Calls `body()` once per call: eagerly, or — with `graph` — as a CUDA graph captured per
+    `key` (the host-side constants the body bakes in, e.g. the lr). Before a capture the body runs
+    eagerly on a side stream: `warmup` calls for the first key (compilation, cuDNN autotuning,
+    optimizer state), one after every change of key (a new constant may mean a recompilation)."""
 
     def __init__(self, body, graph: bool = False, warmup: int = 3):
         self.body, self.graph_on, self.warmup = body, graph, warmup
-        self.calls, self.key, self.graph, self.captures = 0, None, None, 0
+        self.key, self.graph, self.captures, self.eager_left = None, None, 0, None
 
     def __call__(self, key=None) -> None:
         if not self.graph_on:
             self.body()
             return
-        if self.calls < self.warmup:
-            self.calls += 1
+        if self.eager_left is None or key != self.key:
+            self.key, self.graph = key, None  # free the old capture before making a new one
+            self.eager_left = self.warmup if self.eager_left is None else 1
+        if self.eager_left > 0:
+            self.eager_left -= 1
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self.body()
             torch.cuda.current_stream().wait_stream(side)
             return
-        if self.graph is None or key != self.key:
-            self.graph = None  # free the old capture before making the new one
+        if self.graph is None:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.body()
-            self.graph, self.key = graph, key
+            self.graph = graph
             self.captures += 1
         self.graph.replay()
 

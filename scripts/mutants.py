@@ -78,7 +78,8 @@ MUTANTS: List[Mutant] = [
       "norm=bn ships with momentum 0.01 instead of PyTorch's 0.1"),
     M("bn_records_always", "mbn/norms/bn.py",
       "return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)",
-      "return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum, self.eps)",
+      "return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, self.momentum, "
+      "self.eps)",
       f"{T_DF} {T_NORMS}", "BN updates its running averages in forwards that should not record"),
     M("brn_lower_clip", "mbn/norms/brn.py", ".clamp(1 / r_max, r_max)", ".clamp(0, r_max)",
       f"{T_REG}::test_brn_clips_r_to_both_bounds_and_d_to_both_signs {T_NORMS}",
@@ -118,7 +119,8 @@ MUTANTS: List[Mutant] = [
     # ------------------------------------------------------------------ double forward
     M("second_forward_before_step", "mbn/step.py",
       "        loss.backward()\n        self.optimizer.step()\n",
-      "        loss.backward()\n        if self.double_forward:\n            with torch.no_grad(), recording(self.model, True):\n"
+      "        loss.backward()\n        if self.double_forward:\n"
+      "            with torch.no_grad(), recording(self.model, True):\n"
       "                self.forward(x)\n        self.optimizer.step()\n",
       T_DF, "double forward records before the SGD step (statistics of the old weights)"),
     M("recording_flag_inverted", "mbn/step.py", "recording(self.model, not self.double_forward)",
@@ -168,7 +170,8 @@ MUTANTS: List[Mutant] = [
       f"{T_REG}::test_rng_state_round_trip_continues_every_global_stream",
       "set_rng_state restores python's and numpy's generators but not torch's"),
     M("checkpoint_epoch_off_by_one", "mbn/engine.py", '"epoch": epoch + 1, "step": step, "rng": rngs,',
-      '"epoch": epoch, "step": step, "rng": rngs,', RESUME, "the checkpoint records the epoch it is in, not the one done"),
+      '"epoch": epoch, "step": step, "rng": rngs,', RESUME,
+      "the checkpoint records the epoch it is in, not the one done"),
     # ------------------------------------------------------------------ run ids and tables
     M("run_id_ignores_norm", "mbn/naming.py", "hashlib.sha1(json.dumps(d, sort_keys=True).encode())",
       'hashlib.sha1(json.dumps({k: v for k, v in d.items() if k != "norm"}, sort_keys=True).encode())',
@@ -182,7 +185,8 @@ MUTANTS: List[Mutant] = [
     M("population_std", "mbn/results.py", "statistics.stdev(values)", "statistics.pstdev(values)",
       f"{T_REG}::test_mean_std_is_the_sample_statistics {T_REG}::test_table_cells_are_mean_and_sample_std_over_seeds",
       "tables report the population std (n) instead of the sample std (n − 1)"),
-    M("median_over_seeds", "mbn/results.py", "return statistics.fmean(values), (", "return statistics.median(values), (",
+    M("median_over_seeds", "mbn/results.py", "return statistics.fmean(values), (",
+      "return statistics.median(values), (",
       f"{T_REG}::test_mean_std_is_the_sample_statistics {T_REG}::test_table_cells_are_mean_and_sample_std_over_seeds",
       "tables report the median over seeds instead of the mean"),
 ]

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -75,6 +76,9 @@ def main(argv=None):
     ap.add_argument("--protocol", default="steps", choices=["steps", "epochs"],
                     help="small_batch: steps = every batch size gets the batch-128 run's SGD steps at lr 0.1 "
                          "(the paper's Table 4 rule); epochs = the same epochs with lr 0.1 * batch / 128")
+    ap.add_argument("--time-limit", type=float, default=None,
+                    help="seconds for the whole sweep: every run stops at its last epoch boundary before the "
+                         "deadline with a checkpoint, runs not started by then are left; rerun to continue")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = ap.parse_intermixed_args(argv)
@@ -95,6 +99,9 @@ def main(argv=None):
         os.makedirs(root, exist_ok=True)
         if args.jobs > 1:
             start_mps()
+    env = dict(os.environ)
+    if args.time_limit:
+        env["MBN_DEADLINE"] = str(time.time() + args.time_limit)  # an absolute time every job reads
     failed, noted = [], set()
     for table in tables:
         grid = all_grids[table]
@@ -119,10 +126,12 @@ def main(argv=None):
                    f"hydra.sweep.dir={root}", "train.progress=false", *launch]
             print("[sweep]", " ".join(cmd[1:]), flush=True)
             if not args.dry_run:
-                r = subprocess.run(cmd, cwd=REPO)
+                r = subprocess.run(cmd, cwd=REPO, env=env)
                 if r.returncode != 0:  # the other blocks still run (e.g. an option this checkout lacks)
                     failed.append(f"{table}: {' '.join(multirun_overrides(block))}")
                     print(f"[sweep] {table}: a run of this block failed (exit {r.returncode})")
+    if args.time_limit and time.time() > float(env["MBN_DEADLINE"]):
+        print("[sweep] the time limit was reached; rerun the same command to continue")
     if failed:
         print(f"[sweep] {len(failed)} block(s) failed: {'; '.join(failed)}. "
               "Rerun the same command to continue them (finished runs are skipped)")

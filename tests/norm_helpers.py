@@ -12,13 +12,13 @@ from mbn.step import train_step
 from tests.conftest import TINY, make_cfg, run_cli
 
 
-def assert_models_train(norm, layer_type, extra=()):
+def assert_models_train(norm, layer_type, models=("resnet20", "vgg16", "nin"), extra=()):
     """ResNet-20, VGG-16 and NIN built by make_model: every normalizer is `layer_type`; a single and
     a double forward step, a state_dict copy reproducing the eval outputs, PreciseBN."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        for name in ("resnet20", "vgg16", "nin"):
+        for name in models:
             cfg = make_cfg([f"model={name}", f"norm={norm}", *extra])
             model = make_model(cfg)
             layers = [m for m in normalizers(model)]

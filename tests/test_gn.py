@@ -113,8 +113,9 @@ def test_bad_groups_is_a_clear_error():
         build_norm({"name": "gn", "groups": 0})
 
 
-def test_works_on_the_cifar_models():
-    assert_models_train("gn", GroupNorm2d)
+@pytest.mark.parametrize("model", ["resnet20", "vgg16", "nin"])
+def test_works_on_the_cifar_models(model):
+    assert_models_train("gn", GroupNorm2d, [model])
 
 
 @pytest.mark.parametrize("double_forward", [False, True])

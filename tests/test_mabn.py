@@ -360,8 +360,9 @@ def test_models_use_centred_convs_and_the_ablation_turns_them_off(wc):
     assert convs and all(isinstance(c, CentredConv2d) and c.centre == wc for c in convs)
 
 
-def test_works_on_the_cifar_models():
-    assert_models_train("mabn", MovingAverageBatchNorm2d)
+@pytest.mark.parametrize("model", ["resnet20", "vgg16", "nin"])
+def test_works_on_the_cifar_models(model):
+    assert_models_train("mabn", MovingAverageBatchNorm2d, [model])
 
 
 @pytest.mark.parametrize("double_forward", [False, True])

@@ -216,8 +216,9 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled(x), m(x))
 
 
-def test_works_on_the_cifar_models():
-    assert_models_train("rbn", RevisitedBatchNorm2d)
+@pytest.mark.parametrize("model", ["resnet20", "vgg16", "nin"])
+def test_works_on_the_cifar_models(model):
+    assert_models_train("rbn", RevisitedBatchNorm2d, [model])
 
 
 @pytest.mark.parametrize("double_forward", [False, True])

@@ -67,8 +67,8 @@ def _draws():
 
 
 def test_rng_state_round_trip_continues_every_global_stream(tmp_path):
-    """After set_rng_state(rng_state()) — also through torch.save/torch.load as in a checkpoint — python's, numpy's and
-    torch's global generators continue exactly as if nothing had happened."""
+    """After set_rng_state(rng_state()) — also through torch.save/torch.load, as in a checkpoint —
+    python's, numpy's and torch's global generators continue exactly as if nothing had happened."""
     random.seed(1)
     np.random.seed(2)
     torch.manual_seed(3)

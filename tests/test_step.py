@@ -160,3 +160,52 @@ def test_time_limit_stops_at_an_epoch_boundary_and_resumes_bitwise(tmp_path):
     assert a["step"] == b["step"]
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+class HostTraffic:
+    """Records every op that reads a tensor back to the host (.item(), bool(), .tolist()), makes a
+    tensor from host data, or copies across devices."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = str(func)
+                if "_local_scalar_dense" in name or "lift_fresh" in name:
+                    seen.append(name)
+                if "_to_copy" in name and kwargs.get("device") not in (None, args[0].device):
+                    seen.append(f"{name} to {kwargs['device']}")
+                return func(*args, **kwargs)
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("norm", sorted(norms.NORMS))
+def test_step_and_evaluation_never_touch_the_host(norm):
+    """What a captured CUDA graph needs, checked on a CPU: inside a training step (single and double
+    forward) and an evaluation batch no op reads a value back, makes a tensor from host data, or
+    copies across devices."""
+    cfg = tiny_cfg(norm)
+    torch.manual_seed(0)
+    model = make_model(cfg)
+    opt = make_optimizer(cfg, model)
+    train, test = make_loaders(cfg, torch.device("cpu"))
+    steps = [TrainStep(model, opt, train, df) for df in (False, True)]
+    evaluate = Evaluator(model, test)
+    train.start_epoch(0)
+    scheduled(cfg, model, opt, 0, 10)
+    for step in steps:
+        step()  # first calls may create optimizer state
+    train.start_epoch(1)
+    traffic = HostTraffic()
+    with traffic.mode:
+        for step in steps:
+            step.body()
+        model.eval()
+        test.start_epoch()
+        evaluate.body()
+    assert traffic.seen == []

@@ -232,7 +232,10 @@ class StatsMemory(nn.Module):
         for name, v in values.items():
             buf = getattr(self, name)
             mask = slot.view(-1, *([1] * (buf.dim() - 1)))
-            buf.copy_(torch.where(mask, torch.as_tensor(v, dtype=buf.dtype, device=buf.device), buf))
+            # a Python number becomes a fill on the device, never a host-to-device copy (which a
+            # CUDA graph cannot capture)
+            v = v.to(buf.dtype) if torch.is_tensor(v) else buf.new_full(buf.shape[1:], float(v))
+            buf.copy_(torch.where(mask, v, buf))
 
     def reset(self) -> None:
         for name in self.names:

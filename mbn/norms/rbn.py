@@ -75,9 +75,10 @@ def param_groups(model: nn.Module, c) -> list:
                 (gammas if name == "weight" else others).append(p)
             else:
                 (others if name == "bias" else decay).append(p)
+    wd = c.norm_weight_decay
     groups = [{"name": "decay", "params": decay, "lr_scale": 1.0},
-              {"name": "gamma", "params": gammas, "lr_scale": 1.0 / c.gamma_lr_div, "weight_decay": c.norm_weight_decay},
-              {"name": "no_decay", "params": others, "lr_scale": 1.0, "weight_decay": c.norm_weight_decay}]
+              {"name": "gamma", "params": gammas, "lr_scale": 1.0 / c.gamma_lr_div, "weight_decay": wd},
+              {"name": "no_decay", "params": others, "lr_scale": 1.0, "weight_decay": wd}]
     return [g for g in groups if g["params"]]
 
 
