@@ -17,8 +17,8 @@ from mbn.checkpoint import (CHECKPOINT, config_differences, load_checkpoint, rng
 from mbn.data import make_loaders
 from mbn.schedules import step_lr
 from mbn.step import Evaluator, TrainStep, precise_data
-from mbn.tracking import (JsonlTracker, Tracker, Trackers, WandbTracker, plural, run_record, stop_if_diverged,
-                          write_json)
+from mbn.tracking import (JsonlTracker, Tracker, Trackers, WandbTracker, plural, progress_postfix, run_record,
+                          stop_if_diverged, write_json)
 from mbn.validate import validate
 
 
@@ -62,7 +62,8 @@ class Run:
         self.model = model
         self.optimizer = make_optimizer(cfg, model)
         self.net = model
-        if world > 1:  # statistics are synchronised inside the normalizers, buffers stay equal
+        if world > 1:  # normalizers keep their own buffers (BN/BRN/MBN synchronise statistics, CBN/MABN
+            # are per process, as their papers' code); rank 0's are checkpointed
             self.net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
         self.forward = torch.compile(self.net, mode=self.perf["compile_mode"]) if self.perf["compile"] else self.net
         graph = self.perf["cuda_graph"]
@@ -89,14 +90,12 @@ class Run:
         self.net.train()
         self.step.reset()
         self.train_batches.start_epoch(epoch)
-        log_every = self.cfg.logger.log_every
         for i in range(steps):
             lr = self.schedule(step + i)
             self.step()
-            if bar is not None:
+            if bar is not None:  # host values only: no sync
+                bar.set_postfix(progress_postfix(lr, norms.scheduled_values(self.model)), refresh=False)
                 bar.update()
-                if i % log_every == 0:
-                    bar.set_postfix(lr=f"{lr:.3g}", **{k: f"{v:.3g}" for k, v in norms.scheduled_values(self.model).items()})
         return step + steps
 
     def final_evaluations(self) -> dict:

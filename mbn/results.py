@@ -148,8 +148,11 @@ def read_json(path):
 
 
 def load_run(path: str):
-    """A finished run directory: summary, per-epoch history, run record; None if unfinished."""
+    """A finished run directory: summary, per-epoch history, run record; None if unfinished or
+    diverged (a diverged run's metrics.json says so; it never enters a table)."""
     if not os.path.isfile(os.path.join(path, "metrics.json")):
+        return None
+    if read_json(os.path.join(path, "metrics.json")).get("finished") is False:
         return None
     history = []
     if os.path.isfile(os.path.join(path, "metrics.jsonl")):

@@ -35,7 +35,8 @@ def main(argv=None):
 
 
 def collect(args):
-    finished = [load_run(os.path.dirname(p)) for p in sorted(glob.glob(os.path.join(args.runs, "*", "metrics.json")))]
+    found = (load_run(os.path.dirname(p)) for p in sorted(glob.glob(os.path.join(args.runs, "*", "metrics.json"))))
+    finished = [r for r in found if r]  # diverged runs are left out
     if not finished:
         raise UserError(f"no finished runs (run directories with metrics.json) in {args.runs}")
     out = args.out or os.path.join(REPO, "results", "runs", schedule_name(finished))

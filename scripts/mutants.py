@@ -198,8 +198,64 @@ MUTANTS: List[Mutant] = [
 # group reshape over the wrong axis, a replayed step whose key ignores the lr. Append them here
 # in the same form; a GPU-only behaviour needs a test that runs on a CPU (the eager body) or is
 # marked as such.
-NEW_NORMALIZER_MUTANTS: List[Mutant] = []
-GRAPH_REPLAY_MUTANTS: List[Mutant] = []
+NEW_NORMALIZER_MUTANTS: List[Mutant] = [
+    M("cbn_var_guard_off", "mbn/norms/cbn.py", "v = v.clamp(min=0)  # max(ν̃, μ̃²)", "v = v",
+      "tests/test_cbn.py", "CBN without the paper's max(ν̃, μ̃²) guard"),
+    M("cbn_no_taylor_quadratic", "mbn/norms/cbn.py", "return mem.mean + dmu, mem.var + dvar - dmu * dmu",
+      "return mem.mean + dmu, mem.var + dvar", "tests/test_cbn.py",
+      "CBN's compensated variance forgets the −(ρ⟨Dμ,ΔW⟩)² term"),
+    M("cbn_pool_without_correction", "mbn/norms/cbn.py",
+      "var_bar = (w * (variances + (means - mean_bar) ** 2)).sum(0) / total",
+      "var_bar = (w * variances).sum(0) / total", "tests/test_cbn.py",
+      "CBN pools the window's variances without the mean-difference term"),
+    M("mabn_sma_off", "mbn/norms/mabn.py", "v = torch.where(use_batch, q, ring.mean(0))",
+      "v = torch.where(use_batch, q, q)", "tests/test_mabn.py", "MABN never uses the SMA of ⟨x²⟩"),
+    M("mabn_renorm_upper_clip_only", "mbn/norms/mabn.py", ".clamp(1 / self.r_max, self.r_max)",
+      ".clamp(max=self.r_max)", "tests/test_mabn.py", "MABN clips r only from above"),
+    M("mabn_ema_weight_swapped", "mbn/norms/mabn.py", "torch.lerp(self.running_sq, v, 1 - self.momentum)",
+      "torch.lerp(self.running_sq, v, self.momentum)", "tests/test_mabn.py",
+      "MABN's EMA weights the new value with α instead of 1 − α"),
+    M("rbn_gamma_full_lr", "mbn/norms/rbn.py", '"lr_scale": 1.0 / c.gamma_lr_div', '"lr_scale": 1.0',
+      "tests/test_rbn.py", "Revisiting-BN trains γ at the full lr"),
+    M("rbn_decay_on_biases", "mbn/norms/rbn.py",
+      '{"name": "no_decay", "params": others, "lr_scale": 1.0, "weight_decay": wd}',
+      '{"name": "no_decay", "params": others, "lr_scale": 1.0}', "tests/test_rbn.py",
+      "Revisiting-BN decays β and biases"),
+    M("gn_smallest_divisor", "mbn/norms/gn.py",
+      "return max(g for g in range(1, min(groups, channels) + 1) if channels % g == 0)",
+      "return min(g for g in range(2, min(groups, channels) + 1) if channels % g == 0)", "tests/test_gn.py",
+      "GroupNorm takes the smallest divisor instead of the largest ≤ 32"),
+    M("mbn_lambda_zero_infers_from_memory", "mbn/norms/mbn.py",
+      'is_bn = newest_weight == "lam" and not any(lam_values)', "is_bn = False", "tests/test_norms.py",
+      "MBN with λ = 0 throughout infers from its memory, not like BN"),
+    M("mbn_newest_weight_one_ignored", "mbn/norms/mbn.py", 'if self.newest_weight == "one":', "if False:",
+      "tests/test_norms.py", "norm.newest_weight=one weighs the newest slot with λ"),
+    M("precise_raw_second_moment", "mbn/norms/base.py", "self.load_population_stats(mean, s[1] / s[2] - mean * mean)",
+      "self.load_population_stats(mean, s[1] / s[2])", "tests/test_norms.py",
+      "PreciseBN writes E[x²] instead of the variance"),
+]
+T_STEP = "tests/test_step.py"
+GRAPH_REPLAY_MUTANTS: List[Mutant] = [
+    M("step_no_zero_grad", "mbn/step.py", "        self.optimizer.zero_grad(set_to_none=True)\n", "",
+      f"{T_STEP}::test_graph_style_step_equals_the_plain_step_in_float64", "gradients accumulate across steps"),
+    M("step_errors_after_record_pass", "mbn/step.py",
+      "        self.errors += (out.detach().argmax(1) != y).sum()\n", "",
+      f"{T_STEP}::test_graph_style_step_equals_the_plain_step_in_float64", "the step forgets the error count"),
+    M("step_record_flag_inverted", "mbn/step.py", "with recording(self.model, not self.double_forward)",
+      "with recording(self.model, self.double_forward)",
+      f"{T_STEP}::test_graph_style_step_equals_the_plain_step_in_float64", "single/double forward record swapped"),
+    M("plan_cursor_not_advanced", "mbn/data.py", "        self.cursor.add_(1)\n", "",
+      f"{T_STEP}::test_graph_style_step_equals_the_plain_step_in_float64 {T_DATA}",
+      "every step of an epoch trains on its first batch"),
+    M("eval_padding_counted", "mbn/step.py", "v = valid.double()", "v = torch.ones_like(valid, dtype=torch.double)",
+      f"{T_STEP}::test_evaluator_masks_the_padded_last_batch", "the padded evaluation samples are counted"),
+    M("lr_not_in_capture_key", "mbn/step.py", 'self.replay(key=tuple(g["lr"] for g in self.optimizer.param_groups))',
+      "self.replay(key=None)", "tests/test_step.py::test_replay_recaptures_when_the_lr_changes",
+      "a captured step keeps the lr it was captured with"),
+    M("time_limit_ignored", "mbn/engine.py", "if limit and elapsed + 1.2 * epoch_wall > limit:",
+      "if False:", f"{T_STEP}::test_time_limit_stops_at_an_epoch_boundary_and_resumes_bitwise",
+      "train.time_limit never stops a run"),
+]
 MUTANTS += NEW_NORMALIZER_MUTANTS + GRAPH_REPLAY_MUTANTS
 
 # Not listed because they are equivalent by construction (no test can tell them apart):

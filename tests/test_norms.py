@@ -443,3 +443,89 @@ def test_registry_builds_every_normalizer(name):
     layer = build_norm({"name": name})(16)
     assert layer.num_features == 16
     assert math.isfinite(sum(p.sum().item() for p in layer.parameters()))
+
+
+# ------------------------------------------------------------------ MBN ablation options
+def test_lambda_zero_throughout_infers_with_running_averages_like_batch_norm():
+    """λ = 0 is BN (the paper): in training (above) and in inference, where the running averages
+    are used, equal to our BatchNorm2d fed the same recorded batches."""
+    m, bn = mbn(lam=0.0), BatchNorm2d(C).double()
+    with torch.no_grad():
+        bn.weight.copy_(m.weight)
+        bn.bias.copy_(m.bias)
+    assert m.inference == "running" and mbn(lam=0.5).inference == "memory"
+    for i in range(4):
+        x = batch(seed=20 + i, shift=0.5 * i)
+        m(x), bn(x)
+    m.eval(), bn.eval()
+    x = batch(seed=30)
+    torch.testing.assert_close(m(x), bn(x), rtol=1e-12, atol=1e-12)
+    assert mbn(lam_values=[0.0, 0.5], lam_milestones=[0.5]).inference == "memory"  # not λ = 0 throughout
+
+
+def test_newest_weight_one_with_lambda_zero_pools_the_current_batch_with_the_newest_slot():
+    m = mbn(k=4, lam=0.0, newest_weight="one")
+    xs = fill_memory(m, 3)
+    x = batch(n=5, seed=8, shift=1.0)
+    mu_hat, var_hat = m.memorized_stats(*stats(x))
+    pooled = torch.cat([t.transpose(0, 1).reshape(C, -1) for t in (xs[-1], x)], dim=1)
+    torch.testing.assert_close(mu_hat, pooled.mean(1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var_hat, pooled.var(1, unbiased=False), rtol=1e-12, atol=1e-12)
+    # older slots keep eq. 8's λ·η^age (with λ = 0.5 the weights are 1, 0.5·0.9, 0.5·0.81 by age)
+    m2 = mbn(k=4, lam=0.5, eta=0.9, newest_weight="one")
+    fill_memory(m2, 3)
+    ages = m2.memory.ages()
+    expected = torch.where(ages == 0, 1.0, 0.5 * 0.9 ** ages.double()) * m2.memory.count
+    torch.testing.assert_close(m2.memory_weights(), expected)
+
+
+def test_renorm_gradient_path_has_the_same_forward_and_batch_norms_gradient_times_r():
+    """grad=renorm: the forward equals the paper's (normalized by μ̂, σ̂²); the input gradient is
+    BN's batch gradient scaled by r = σ_B/σ̂ (μ̂, σ̂ enter as constants)."""
+    paper, renorm = mbn(k=3, lam=0.7), mbn(k=3, lam=0.7, grad="renorm")
+    for m in (paper, renorm):
+        fill_memory(m, 3)
+    x, g = batch(seed=3, shift=0.4), batch(seed=4)
+    mean, var, n = stats(x)
+    mu_hat, var_hat = paper.memorized_stats(mean, var, n)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = paper(xa), renorm(xb)
+    torch.testing.assert_close(yb, ya, rtol=1e-12, atol=1e-12)
+    (gx,) = torch.autograd.grad(yb, xb, g)
+    x2 = x.clone().requires_grad_()
+    y_bn = F.batch_norm(x2, None, None, renorm.weight.detach(), None, training=True, eps=renorm.eps)
+    (g_bn,) = torch.autograd.grad(y_bn, x2, g)
+    r = torch.sqrt(var + renorm.eps) / torch.sqrt(var_hat + renorm.eps)
+    torch.testing.assert_close(gx, g_bn * r.view(1, C, 1, 1), rtol=1e-10, atol=1e-12)
+    (ga,) = torch.autograd.grad(ya, xa, g)
+    assert not torch.allclose(ga, gx)  # the paper's path differs
+
+
+@pytest.mark.parametrize("layer", ["bn", "mbn", "brn"])
+def test_precise_statistics_of_a_frozen_network_are_those_of_the_concatenated_batches(layer):
+    """PreciseBN on a normalizer fed fixed batches of different sizes: the population mean and
+    biased variance of their union, whatever the EMA held; parameters and memory untouched."""
+    from mbn.norms import precise_statistics
+
+    m = {"bn": lambda: BatchNorm2d(C), "mbn": lambda: mbn(k=3), "brn": lambda: BatchRenorm2d(C)}[layer]().double()
+    fill = [batch(n=4, seed=50)]
+    for x in fill:
+        m(x)
+    before = {k: v.clone() for k, v in m.state_dict().items() if "memory" in k}
+    xs = [batch(n=3 + i, seed=60 + i, shift=0.3 * i, scale=1 + 0.1 * i) for i in range(4)]
+    m.eval()
+    assert precise_statistics(m, [(x, None) for x in xs])
+    pooled = torch.cat([t.transpose(0, 1).reshape(C, -1) for t in xs], dim=1)
+    mean, var = pooled.mean(1), pooled.var(1, unbiased=False)
+    torch.testing.assert_close(m.running_mean, mean, rtol=1e-12, atol=1e-12)
+    if layer == "brn":
+        torch.testing.assert_close(m.running_std, torch.sqrt(var + m.eps), rtol=1e-12, atol=1e-12)
+    else:
+        torch.testing.assert_close(m.running_var, var, rtol=1e-12, atol=1e-12)
+    assert m.inference == "running" and not m.training
+    for k, v in before.items():
+        assert torch.equal(m.state_dict()[k], v), k
+    x = batch(seed=70)
+    expected = (x - mean.view(1, C, 1, 1)) / torch.sqrt(var.view(1, C, 1, 1) + m.eps)
+    torch.testing.assert_close(m(x), expected * m.weight.view(1, C, 1, 1) + m.bias.view(1, C, 1, 1),
+                               rtol=1e-10, atol=1e-12)

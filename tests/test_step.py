@@ -209,3 +209,57 @@ def test_step_and_evaluation_never_touch_the_host(norm):
         test.start_epoch()
         evaluate.body()
     assert traffic.seen == []
+
+
+def test_replay_recaptures_when_the_lr_changes(monkeypatch):
+    """The capture logic, with CUDA's graph calls replaced by fakes that remember the lr a capture
+    saw: every call trains with the lr set for it (a replay never keeps a stale one), warm-up runs
+    eagerly, and there is one capture per lr value."""
+    import contextlib
+
+    from mbn.step import Replay
+
+    capturing, done = [], []
+
+    class FakeGraph:
+        def replay(self):
+            done.append(("replay", self.lr))
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def fake_capture(graph):
+        capturing.append(graph)
+        yield
+        capturing.pop()
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", fake_capture)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    cfg = tiny_cfg("bn")
+    model = make_model(cfg)
+    opt = make_optimizer(cfg, model)
+    train, _ = make_loaders(cfg, torch.device("cpu"))
+    step = TrainStep(model, opt, train, False, graph=True)
+
+    def body():
+        lr = opt.param_groups[0]["lr"]
+        if capturing:
+            capturing[-1].lr = lr
+        else:
+            done.append(("eager", lr))
+
+    step.replay.body = body
+    assert isinstance(step.replay, Replay) and step.replay.graph_on
+    lrs = [0.1] * 5 + [0.01] * 3 + [0.001] * 4
+    for lr in lrs:
+        set_lr(opt, lr)
+        step()
+    assert [lr for _, lr in done] == lrs
+    assert [kind for kind, _ in done] == ["eager"] * 3 + ["replay"] * 2 + ["eager", "replay", "replay"] + \
+        ["eager"] + ["replay"] * 3
+    assert step.replay.captures == 3
