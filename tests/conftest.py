@@ -17,6 +17,17 @@ TINY = ["experiment=smoke", "data.train_size=128", "data.test_size=64", "train.b
         "train.eval_batch_size=64", "train.epochs=2", "train.progress=false"]
 
 
+@pytest.fixture
+def float64():
+    """Tensors default to float64 within the test (numerics against closed forms)."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
 def make_cfg(overrides=()):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=os.path.join(REPO, "configs"), version_base="1.3"):

@@ -17,12 +17,7 @@ from tests.conftest import TINY, make_cfg
 CIN, C = 3, 4
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # every test here runs in float64
 
 
 def net(window=4, burnin=0.0, groups=1, stride=1, dilation=1, seed=0, **kw):

@@ -14,12 +14,7 @@ from tests.norm_helpers import assert_fit_and_eval, assert_models_train
 C = 12
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # every test here runs in float64
 
 
 def gn(c=C, groups=32):

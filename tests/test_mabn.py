@@ -17,12 +17,7 @@ C, EPS = 5, 1e-5
 NEVER = 10**9  # a step count never reached: warm-up or renormalization off
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # every test here runs in float64
 
 
 def mabn(S=4, warmup=0, renorm=NEVER, momentum=0.9, **kw):

@@ -13,12 +13,7 @@ from mbn.norms.base import combine_stats
 C = 5
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # every test here runs in float64
 
 
 def batch(n=6, h=3, w=4, seed=0, shift=0.0, scale=1.0):

@@ -1,5 +1,6 @@
 """The fast path (compile, channels_last, bf16) against the exact one, and the benchmark script."""
 import json
+import os
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from mbn import UserError
 from mbn.checkpoint import load_checkpoint
 from mbn.build import resolve_perf
 from mbn.engine import fit
-from tests.conftest import TINY, make_cfg, run_cli
+from tests.conftest import REPO, TINY, make_cfg, run_cli
 
 FEW_STEPS = TINY + ["train.steps=3", "train.epochs=1", "norm=mbn", "logger=none"]
 
@@ -123,3 +124,41 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     r = run_cli("scripts/bench.py", "--tiny", "--device", "cpu", "--only", "a", "b", "--json")
     rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
     assert [row["key"] for row in rows] == ["a", "b", "a", "b"] and all(row["images_per_s"] > 0 for row in rows)
+
+
+def test_gpu_check_help_and_dry_rehearsal(tmp_path):
+    """The GPU check's orchestration on a CPU: bench configurations and the train.py run, each in its
+    own process, a JSON line each, bench.md written, exit 0."""
+    r = run_cli("scripts/gpu_check.py", "--help")
+    assert r.returncode == 0 and "--dry" in r.stdout
+    md = tmp_path / "bench.md"
+    r = run_cli("scripts/gpu_check.py", "--dry", "--phases", "bench", "train", "--out", str(tmp_path / "out"),
+                "--bench-md", str(md), timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "out" / "gpu_check.jsonl").read_text().splitlines()]
+    names = {row["name"] for row in rows}
+    assert {"env", "bench:resnet20-bs8-a", "bench:resnet20-bs8-d", "train:resnet20-mbn2-3ep-synthetic"} <= names
+    assert all(row["ok"] for row in rows) and "| resnet20 | (d) ours MBN-2 | 8 |" in md.read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_full_dry_rehearsal(tmp_path):
+    r = run_cli("scripts/gpu_check.py", "--dry", "--out", str(tmp_path), "--bench-md", str(tmp_path / "b.md"),
+                timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_gpu_check_reports_a_crash_by_name_with_its_traceback(tmp_path, monkeypatch):
+    """One configuration that crashes is named, with its traceback's tail, and the others still run."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(REPO, "scripts", "gpu_check.py"))
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    check = gc.Check(str(tmp_path), True, 120)
+    rows = check.run([{"kind": "nonsense", "name": "broken"},
+                      {"kind": "correct", "name": "fine", "norm": "bn", "double": False, "dry": True}], 300,
+                     dict(os.environ, PYTHONPATH=REPO), parallel=2)
+    by = {r["name"]: r for r in rows}
+    assert not by["broken"]["ok"] and any("ValueError" in line for line in by["broken"]["traceback_tail"])
+    assert by["fine"]["ok"] and [f["name"] for f in check.failures] == ["broken"]

@@ -18,12 +18,7 @@ from tests.norm_helpers import assert_fit_and_eval, assert_models_train
 C = 5
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # every test here runs in float64
 
 
 def batch(n=6, c=C, seed=0, shift=0.5, scale=2.0):

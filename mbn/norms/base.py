@@ -132,7 +132,11 @@ class BatchStatNorm(Normalizer):
 
     def affine_apply(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """y = weight * (x - mean) / sqrt(var + eps) + bias, as one scale and one shift."""
-        scale = torch.rsqrt(var + self.eps)
+        return self.scale_shift(x, mean, torch.rsqrt(var + self.eps))
+
+    def scale_shift(self, x: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -> torch.Tensor:
+        """y = weight * (x - mean) * inv_std + bias, as one scale and one shift."""
+        scale = inv_std
         if self.affine:
             scale = scale * self.weight
         shift = -mean * scale

@@ -212,14 +212,7 @@ class CrossIterationBatchNorm2d(BatchStatNorm):
     def normalize(self, x, mean, var):
         if not self.official:
             return self.affine_apply(x, mean, var)
-        scale = 1.0 / (torch.sqrt(var) + self.eps)  # the official code's default (out_p=False)
-        if self.affine:
-            scale = scale * self.weight
-        shift = -mean * scale
-        if self.affine:
-            shift = shift + self.bias
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return (x.to(scale.dtype) * scale.view(shape) + shift.view(shape)).to(x.dtype)
+        return self.scale_shift(x, mean, 1.0 / (torch.sqrt(var) + self.eps))  # the official default (out_p=False)
 
     def train_forward(self, x: torch.Tensor) -> torch.Tensor:
         mean, var, n = self.local_stats(x)
