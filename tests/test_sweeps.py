@@ -19,7 +19,9 @@ def test_grids_cover_every_cell_the_methods_define():
     assert not any("norm=normprop" in r and ("model=resnet20" in r or "model=resnet56" in r) for r in runs)
     t4 = g["table4"].blocks[0]
     assert t4["train.steps"] == [200 * 390] and t4["train.batch_size"] == [8, 16, 32, 64, 128]
-    assert multirun_overrides(g["table5"].blocks[0])[-1] == "norm.lam=choice([0.0],[0.1],[0.5],[0.9],[0.1,0.5,0.9])"
+    # λ = {0} is BN-1: single forward; the other schedules are MBN-2
+    assert multirun_overrides(g["table5"].blocks[0])[-2:] == ["norm.lam=[0.0]", "train.double_forward=false"]
+    assert multirun_overrides(g["table5"].blocks[1])[-1] == "norm.lam=choice([0.1],[0.5],[0.9],[0.1,0.5,0.9])"
 
 
 def read_md_rows(path):
