@@ -524,3 +524,15 @@ def test_precise_statistics_of_a_frozen_network_are_those_of_the_concatenated_ba
     expected = (x - mean.view(1, C, 1, 1)) / torch.sqrt(var.view(1, C, 1, 1) + m.eps)
     torch.testing.assert_close(m(x), expected * m.weight.view(1, C, 1, 1) + m.bias.view(1, C, 1, 1),
                                rtol=1e-10, atol=1e-12)
+
+
+def test_mbn_config_with_lambda_zero_builds_layers_that_infer_like_bn():
+    """Through the shipped config (norm=mbn norm.lam=[0]), as Table 5's λ = {0} row runs."""
+    from mbn.build import make_model
+    from tests.conftest import make_cfg
+
+    layers = [m for m in make_model(make_cfg(["norm=mbn", "norm.lam=[0.0]"])).modules()
+              if isinstance(m, MemorizedBatchNorm2d)]
+    assert layers and all(m.inference == "running" for m in layers)
+    paper = [m for m in make_model(make_cfg(["norm=mbn"])).modules() if isinstance(m, MemorizedBatchNorm2d)]
+    assert all(m.inference == "memory" and m.inference_modes == ("memory", "running") for m in paper)

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mbn.norms.registry import NormConfig, NormSpec, fields, register
 from mbn.norms.base import BatchStatNorm, check_batch, distributed
+from mbn.norms.registry import NormConfig, NormSpec, fields, register
 
 
 class BatchNorm2d(BatchStatNorm):

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from mbn.norms.registry import NormConfig, NormSpec, fields, register
 from mbn.norms.base import BatchStatNorm
+from mbn.norms.registry import NormConfig, NormSpec, fields, register
 from mbn.schedules import linear_ramp
 
 

@@ -11,18 +11,18 @@ Options whose defaults are the paper's (the ablation grid varies them):
 - `grad`: "current" (the paper: gradients flow through the current batch's statistics inside the
   pooled ones) or "renorm" (BN's batch gradient; the memorized statistics enter as constant
   Batch-Renorm-style r = σ_B/σ̂, d = (μ_B − μ̂)/σ̂; the forward value is the same);
-- `eval_stats`: "auto" (memory, except running averages when λ = 0 throughout, where MBN is BN),
-  "memory" or "running".
+- `eval_stats`: "memory" (the paper's rule: the memorized statistics — and BN's running averages
+  where λ = 0 throughout, since MBN is then BN) or "running" (BN-style running averages).
 """
 import math
-from dataclasses import field, dataclass
+from dataclasses import dataclass, field
 from typing import List, Sequence
 
 import torch
 
 from mbn import UserError
-from mbn.norms.registry import NormConfig, NormSpec, register
 from mbn.norms.base import BatchStatNorm, StatsMemory, combine_stats
+from mbn.norms.registry import NormConfig, NormSpec, register
 from mbn.norms.brn import renorm_stats
 from mbn.schedules import piecewise
 
@@ -31,7 +31,7 @@ class MemorizedBatchNorm2d(BatchStatNorm):
     def __init__(self, num_features: int, memory_size: int = 10, eta: float = 0.9, lam: float = 0.1,
                  eps: float = 1e-5, momentum: float = 0.1, affine: bool = True,
                  lam_values: Sequence[float] = (), lam_milestones: Sequence[float] = (),
-                 eval_stats: str = "auto", newest_weight: str = "lam", grad: str = "current"):
+                 eval_stats: str = "memory", newest_weight: str = "lam", grad: str = "current"):
         super().__init__(num_features, eps, affine, momentum)
         if int(memory_size) != memory_size or memory_size < 1:
             raise UserError(f"MBN memory_size must be an integer >= 1 (got {memory_size}); "
@@ -42,7 +42,7 @@ class MemorizedBatchNorm2d(BatchStatNorm):
         if not all(0.0 <= v <= 1.0 for v in lam_values):
             raise UserError(f"MBN λ must lie in [0, 1] (eq. 8), got norm.lam={lam_values}; "
                             "the paper uses norm.lam=[0.1,0.5,0.9]")
-        for key, value, allowed in (("eval_stats", eval_stats, ("auto", "memory", "running")),
+        for key, value, allowed in (("eval_stats", eval_stats, ("memory", "running")),
                                     ("newest_weight", newest_weight, ("lam", "one")),
                                     ("grad", grad, ("current", "renorm"))):
             if value not in allowed:
@@ -51,8 +51,8 @@ class MemorizedBatchNorm2d(BatchStatNorm):
         self.lam_values, self.lam_milestones = lam_values, [float(m) for m in lam_milestones]
         self.newest_weight, self.grad = newest_weight, grad
         is_bn = newest_weight == "lam" and not any(lam_values)  # λ = 0 throughout: BN (the paper)
-        if eval_stats == "auto":
-            eval_stats = "running" if is_bn else "memory"
+        if is_bn:
+            eval_stats = "running"
         self.inference_modes = (eval_stats, "memory" if eval_stats == "running" else "running")
         self.inference = eval_stats
         # λ is a tensor so that a schedule change never forces recompilation
@@ -147,7 +147,7 @@ class MBNConfig(NormConfig):
     lam: List[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     lam_milestones: List[float] = field(default_factory=lambda: [0.4, 0.6])
     momentum: float = 0.1           # for the BN-style running averages
-    eval_stats: str = "auto"        # auto (memory; running where λ = 0 throughout) | memory | running
+    eval_stats: str = "memory"      # memory (the paper's rule; running averages where λ = 0 throughout) | running
     newest_weight: str = "lam"      # lam (eq. 8) | one (α_k = 1, the sentence before eq. 8)
     grad: str = "current"           # current (the paper) | renorm (BN's gradient, memory as r, d)
 
