@@ -22,8 +22,8 @@ import torch
 
 from mbn import UserError
 from mbn.norms.base import BatchStatNorm, StatsMemory, combine_stats
-from mbn.norms.registry import NormConfig, NormSpec, register
 from mbn.norms.brn import renorm_stats
+from mbn.norms.registry import NormConfig, NormSpec, register
 from mbn.schedules import piecewise
 
 
