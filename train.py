@@ -57,6 +57,7 @@ def main(cfg):
         print(f"error: {e}", file=sys.stderr)  # one diverged run of a sweep (its metrics.json says so)
         return None                            # does not end the sweep
     except UserError as e:
+        discard_unstarted(run_dir)  # e.g. a normalizer's own check of its hyper-parameters
         fail(e)
 
 

@@ -53,6 +53,15 @@ def test_out_of_range_values_are_refused_before_anything_is_written(tmp_path, ov
         assert len(found) == 1 and found[0].startswith(text)
 
 
+def test_a_normalizers_own_check_leaves_nothing_behind(tmp_path):
+    """Hyper-parameters a normalizer checks itself (here CBN's window) end in one line, exit 2, and
+    no run directory."""
+    run_dir = tmp_path / "runs" / "r"
+    line = one_line_error(run_cli("train.py", *TINY, "norm=cbn", "norm.window=0", f"hydra.run.dir={run_dir}"))
+    assert "window" in line
+    assert not run_dir.exists()
+
+
 def test_every_scheduled_value_is_checked_and_the_paper_configs_pass():
     for norm in ("bn", "brn", "mbn", "normprop"):
         for data in ("cifar10", "cifar100", "synthetic", "imagenet"):
