@@ -34,6 +34,7 @@ def evaluate_checkpoint(path, eval_stats="all", device=None, data_root=None, pre
     if data_root:
         cfg.data.root = data_root
     dev = resolve_device(device or cfg.device)
+    cfg.perf.cuda_graph = False  # evaluation here is eager; a GPU run's checkpoint also evaluates on a CPU
     perf = resolve_perf(cfg.perf, dev)
     train_batches, batches = make_loaders(cfg, dev, channels_last=perf["channels_last"])
     model = make_model(cfg).to(dev)

@@ -76,11 +76,15 @@ def resolve_perf(perf, device) -> dict:
     cuda_graph = perf.get("cuda_graph")
     if cuda_graph and not gpu:
         raise UserError("perf.cuda_graph=true needs a CUDA device; leave it unset (auto) on a CPU")
+    cuda_graph = gpu if cuda_graph is None else cuda_graph
+    if cuda_graph and perf.compile_mode == "reduce-overhead":
+        raise UserError("perf.compile_mode=reduce-overhead makes CUDA graphs of its own, inside the whole-step "
+                        "graph; use perf.compile_mode=default (the step is captured already) or perf.cuda_graph=false")
     return {"precision": precision,
             "channels_last": gpu if perf.channels_last is None else perf.channels_last,
             "compile": gpu if perf.compile is None else perf.compile,
             "compile_mode": perf.compile_mode,
-            "cuda_graph": gpu if cuda_graph is None else cuda_graph}
+            "cuda_graph": cuda_graph}
 
 
 def autocast_for(perf: dict, device):

@@ -130,7 +130,7 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
         run_dir = shared[0]
     lead = rank == 0
     deadline = os.environ.get("MBN_DEADLINE")
-    if deadline and time.time() > float(deadline):  # a sweep job started after the sweep's time ran out
+    if deadline and agreed(time.time() > float(deadline), world):  # a sweep job started after its time ran out
         print(f"skipping {run_dir}: the sweep's time limit has passed; rerun the sweep to continue")
         return {"finished": False}
     os.makedirs(run_dir, exist_ok=True)
@@ -183,7 +183,7 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
                            f"{metrics['images_per_s']:.0f} img/s")
         save(run, ckpt_path, epoch, step, history, cfg_dict, wandb_id)
         epoch_wall = time.perf_counter() - t0
-        reason = stop_reason(cfg, epoch + 1 - start_epoch, time.perf_counter() - started, epoch_wall)
+        reason = agreed(stop_reason(cfg, epoch + 1 - start_epoch, time.perf_counter() - started, epoch_wall), world)
         if reason and epoch + 1 < run.num_epochs:
             stopped_early = True
             if lead:
@@ -253,6 +253,15 @@ def save(run, ckpt_path, epoch, step, history, cfg_dict, wandb_id):
                                     "history": history, "wandb_id": wandb_id})
     if run.world > 1:
         dist.barrier()
+
+
+def agreed(decision, world: int):
+    """Rank 0's decision, for every rank (clocks differ: ranks deciding alone could part ways)."""
+    if world == 1:
+        return decision
+    box = [decision]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def stop_reason(cfg, epochs_done: int, elapsed: float, epoch_wall: float):

@@ -39,6 +39,10 @@ def test_auto_perf_is_exact_on_cpu_and_fast_on_gpu():
     assert fast["precision"] == "bf16" and fast["channels_last"] and fast["compile"] and fast["cuda_graph"]
     with pytest.raises(UserError, match="cuda_graph"):
         resolve_perf(make_cfg(["perf.cuda_graph=true"]).perf, torch.device("cpu"))
+    with pytest.raises(UserError, match="reduce-overhead"):  # Inductor's graphs inside ours
+        resolve_perf(make_cfg(["perf.compile_mode=reduce-overhead"]).perf, torch.device("cuda"))
+    assert not resolve_perf(make_cfg(["perf.compile_mode=reduce-overhead", "perf.cuda_graph=false"]).perf,
+                            torch.device("cuda"))["cuda_graph"]
 
 
 @pytest.mark.parametrize("norm", ["bn", "mbn"])
