@@ -71,7 +71,6 @@ class LoggerConfig:
     project: str = "mbn"
     entity: Optional[str] = None
     mode: Optional[str] = None       # W&B mode; null = offline unless an API key is configured
-    log_every: int = 50              # steps between progress/step logs
 
 
 @dataclass

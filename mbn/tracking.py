@@ -174,9 +174,6 @@ def run_record(cfg_dict: dict, overrides, device: torch.device) -> dict:
 class Tracker:
     """Interface the training loop talks to."""
 
-    def log_step(self, metrics: dict, step: int) -> None:
-        pass
-
     def log_epoch(self, metrics: dict, step: int) -> None:
         pass
 
@@ -228,9 +225,6 @@ class WandbTracker(Tracker):
         for prefix in ("train/*", "test/*", "hparams/*"):
             self.run.define_metric(prefix, step_metric="epoch")
 
-    def log_step(self, metrics, step):
-        self.run.log({"step/" + k.replace("/", "_"): v for k, v in metrics.items()}, step=step)
-
     def log_epoch(self, metrics, step):
         self.run.log({WANDB_NAMES.get(k, k): v for k, v in metrics.items()}, step=step)
 
@@ -255,10 +249,6 @@ def _has_netrc_key():
 class Trackers(Tracker):
     def __init__(self, trackers):
         self.trackers = trackers
-
-    def log_step(self, metrics, step):
-        for t in self.trackers:
-            t.log_step(metrics, step)
 
     def log_epoch(self, metrics, step):
         for t in self.trackers:

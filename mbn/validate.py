@@ -71,7 +71,6 @@ RULES = [
     ("train.batch_size", "the batch size", "must be an integer >= 1", count),
     ("train.eval_batch_size", "the evaluation batch size", "must be an integer >= 1", count),
     ("train.stop_after", "the epochs of this invocation", "must be null or an integer >= 1", optional_count),
-    ("logger.log_every", "the steps between progress reports", "must be an integer >= 1", count),
     ("seed", "the seed", "must be an integer in [0, 2**31)", lambda v: isinstance(v, int) and 0 <= v < 2**31),
     ("data.num_classes", "the number of classes", "must be an integer >= 1", count),
     ("data.train_size", "the synthetic training set size", "must be an integer >= 1", count),

@@ -18,7 +18,7 @@ from mbn.checkpoint import load_checkpoint
 from mbn.engine import fit
 from tests.conftest import REPO, TINY, make_cfg
 
-RUN = TINY + ["norm=mbn", "train.epochs=3", "logger.log_every=1"]  # 4 steps an epoch
+RUN = TINY + ["norm=mbn", "train.epochs=3"]  # 4 steps an epoch
 
 
 def train(run_dir, fault=None):
