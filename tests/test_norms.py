@@ -27,6 +27,8 @@ def stats(x):
 
 def mbn(k=4, lam=0.5, eta=0.9, **kw):
     m = MemorizedBatchNorm2d(C, memory_size=k, eta=eta, lam=lam, **kw).double()
+    if not m.affine:
+        return m
     with torch.no_grad():
         m.weight.copy_(torch.linspace(0.5, 2.0, C))
         m.bias.copy_(torch.linspace(-1.0, 1.0, C))
@@ -145,6 +147,30 @@ def test_paper_closed_form_backward_equals_autograd():
         dbeta = g.sum((0, 2, 3))
     for a, b in ((gx, dx), (gw, dgamma), (gb, dbeta)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("affine,newest_weight", [(True, "lam"), (False, "lam"), (True, "one")])
+def test_written_out_backward_equals_autograd_through_eq_6(affine, newest_weight):
+    """The single-process path (`PooledBatchNorm`, backward in closed form) against autograd
+    through batch statistics and eq. 6 (the path DDP takes): output, gradients, recorded state."""
+    m = mbn(k=4, lam=0.6, eta=0.8, affine=affine, newest_weight=newest_weight)
+    fill_memory(m, 6)
+    ref = mbn(k=4, lam=0.6, eta=0.8, affine=affine, newest_weight=newest_weight)
+    ref.load_state_dict(m.state_dict())
+    x = batch(n=5, seed=11, shift=3.0, scale=2.0).requires_grad_()
+    g = batch(n=5, seed=12)
+    params = [x] + ([m.weight, m.bias] if affine else [])
+    got = m(x)
+    got_grads = torch.autograd.grad(got, params, g)
+    mean, var, n = ref.batch_stats(x)
+    want = ref.affine_apply(x, *ref.memorized_stats(mean, var, n))
+    want_grads = torch.autograd.grad(want, [x] + ([ref.weight, ref.bias] if affine else []), g)
+    ref.push(mean.detach(), var.detach(), n)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for (name, a), b in zip(m.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
 
 
 def test_no_gradient_into_memory():
@@ -536,3 +562,34 @@ def test_mbn_config_with_lambda_zero_builds_layers_that_infer_like_bn():
     assert layers and all(m.inference == "running" for m in layers)
     paper = [m for m in make_model(make_cfg(["norm=mbn"])).modules() if isinstance(m, MemorizedBatchNorm2d)]
     assert all(m.inference == "memory" and m.inference_modes == ("memory", "running") for m in paper)
+
+
+def test_mbn_backward_runs_half_the_ops_of_autograd_through_eq_6():
+    """Speed, checked on a CPU by counting ops: one MBN layer's written-out backward runs at most
+    half the ops of autograd through eq. 6 (the DDP path), which the compiled step would otherwise
+    turn into extra small kernels per layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def backward_ops(layer, forward):
+        x = batch(n=4, seed=1).requires_grad_()
+        y = forward(layer, x)
+        Count.n = 0
+        with Count():
+            y.backward(torch.ones_like(y))
+        return Count.n
+
+    m = mbn()
+    fill_memory(m, 3)
+    m.record = False
+    bn = BatchNorm2d(C).double()
+    fast = backward_ops(m, lambda m, x: m(x))
+    bn_ops = backward_ops(bn, lambda m, x: m(x))
+    autograd = backward_ops(m, lambda m, x: m.affine_apply(x, *m.memorized_stats(*m.batch_stats(x))))
+    assert 2 * fast <= autograd, (fast, bn_ops, autograd)  # 23 vs 54 ops (BN: 5) when written

@@ -25,10 +25,36 @@ def combine_stats(means, variances, weights):
     """Eq. 6 of the MBN paper: mean and variance of a union of groups given each group's mean
     (G, C), biased variance (G, C) and weight α_i·n_i (G,). The variance includes the correction
     term (μ_i − μ̂)², so it equals the variance of the pooled data (eq. 5)."""
-    total = weights.sum()
-    mean = weights @ means / total
-    var = weights @ (variances + (means - mean) ** 2) / total
+    # broadcast sums, not matmuls: a compiler fuses them with their neighbours (a matmul is a
+    # library call of its own, per layer, forward and backward)
+    w = weights[:, None] / weights.sum()
+    mean = (w * means).sum(0)
+    var = (w * (variances + (means - mean) ** 2)).sum(0)
     return mean, var
+
+
+def channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel (C,) tensor shaped to broadcast against (N, C, ...) `x`."""
+    return t.view((1, -1) + (1,) * (x.dim() - 2))
+
+
+def channel_dims(x: torch.Tensor):
+    """The dimensions a per-channel statistic of (N, C, ...) `x` reduces over."""
+    return [0] + list(range(2, x.dim()))
+
+
+def channel_stats(x: torch.Tensor, dtype: torch.dtype):
+    """Per-channel mean and biased variance of `x`, computed in `dtype`."""
+    var, mean = torch.var_mean(x.to(dtype), dim=channel_dims(x), correction=0)
+    return mean, var
+
+
+def scale_shift(x, mean, inv_std, weight=None, bias=None):
+    """y = weight * (x - mean) * inv_std + bias per channel, as one scale and one shift, computed
+    in the statistics' precision and returned in x's."""
+    scale = inv_std if weight is None else inv_std * weight
+    shift = -mean * scale if bias is None else bias - mean * scale
+    return (x.to(scale.dtype) * channel_view(scale, x) + channel_view(shift, x)).to(x.dtype)
 
 
 def distributed() -> bool:
@@ -122,10 +148,8 @@ class BatchStatNorm(Normalizer):
         of values per channel, over the global batch when training with several processes.
         Differentiable."""
         n = check_batch(self, x)
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()  # statistics and memory stay in fp32 under autocast
-        dims = [0] + list(range(2, x.dim()))
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
+        # statistics and memory stay in fp32 under autocast
+        mean, var = channel_stats(x, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
         if distributed():
             return global_stats(mean, var, n)
         return mean, var, n
@@ -136,15 +160,7 @@ class BatchStatNorm(Normalizer):
 
     def scale_shift(self, x: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -> torch.Tensor:
         """y = weight * (x - mean) * inv_std + bias, as one scale and one shift."""
-        scale = inv_std
-        if self.affine:
-            scale = scale * self.weight
-        shift = -mean * scale
-        if self.affine:
-            shift = shift + self.bias
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        y = x.to(scale.dtype) * scale.view(shape) + shift.view(shape)
-        return y.to(x.dtype)
+        return scale_shift(x, mean, inv_std, self.weight, self.bias)
 
     @torch.no_grad()
     def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:

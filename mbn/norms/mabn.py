@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from mbn import UserError
-from mbn.norms.base import BatchStatNorm, check_batch
+from mbn.norms.base import BatchStatNorm, channel_dims, check_batch
 from mbn.norms.registry import NormConfig, NormSpec, register
 
 
@@ -85,7 +85,7 @@ class _MABNFunction(torch.autograd.Function):
         x, weight, s, r, slot, use_batch = ctx.saved_tensors
         t, sq_ring, running_sq, psi_ring = ctx.state
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        dims = [0] + list(range(2, x.dim()))
+        dims = channel_dims(x)
         gout, xs = grad_out.to(s.dtype), x.to(s.dtype)
         grad_weight = (gout * xs).sum(dims) * r / s
         grad_bias = gout.sum(dims)
@@ -139,7 +139,7 @@ class MovingAverageBatchNorm2d(BatchStatNorm):
 
     def batch_sq(self, x: torch.Tensor) -> torch.Tensor:
         """⟨x²⟩ per channel in the buffers' dtype (fp32 under autocast), without gradient."""
-        dims = [0] + list(range(2, x.dim()))
+        dims = channel_dims(x)
         return x.detach().to(self.running_sq.dtype).square().mean(dims)
 
     def train_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,10 +21,47 @@ from typing import List, Sequence
 import torch
 
 from mbn import UserError
-from mbn.norms.base import BatchStatNorm, StatsMemory, combine_stats
+from mbn.norms.base import (BatchStatNorm, StatsMemory, channel_dims, channel_stats, channel_view, check_batch,
+                            combine_stats, distributed, scale_shift)
 from mbn.norms.brn import renorm_stats
 from mbn.norms.registry import NormConfig, NormSpec, register
 from mbn.schedules import piecewise
+
+
+class PooledBatchNorm(torch.autograd.Function):
+    """Eqs. 6-7 for a training batch x pooled with memorized statistics (constants of weight
+    w_i = α_i·n_i): y = γ(x − μ̂)/√(σ̂² + ε) + β; also returns the batch's own mean and biased
+    variance (for recording). The backward is written out: with W = Σw_i + n, μ̂ = (Σw_iμ_i + Σx)/W
+    and W·σ̂² = Σw_i(σ_i² + (μ_i − μ̂)²) + Σ(x − μ̂)², so ∂μ̂/∂x = 1/W and ∂σ̂²/∂x = 2(x − μ̂)/W, and
+
+        ∂ℓ/∂x = γ/√(σ̂² + ε) · (g − Σg/W − x̂·Σ(g·x̂)/W),   x̂ = (x − μ̂)/√(σ̂² + ε),
+
+    BN's backward with the batch size replaced by W: one reduction and one elementwise pass, as
+    for BN, where autograd through eq. 6 adds a dozen small ops per layer. Single process only
+    (the distributed path pools global statistics through autograd)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mem_mean, mem_var, mem_weights, eps: float):
+        n = x.numel() // x.size(1)
+        mean, var = channel_stats(x, mem_mean.dtype)
+        weights = torch.cat([mem_weights, mem_weights.new_full((1,), float(n))])
+        mu, s2 = combine_stats(torch.cat([mem_mean, mean[None]]), torch.cat([mem_var, var[None]]), weights)
+        inv_std = torch.rsqrt(s2 + eps)
+        ctx.save_for_backward(x, weight, mu, inv_std, weights.sum())
+        ctx.mark_non_differentiable(mean, var)
+        return scale_shift(x, mu, inv_std, weight, bias), mean, var
+
+    @staticmethod
+    def backward(ctx, grad, _mean, _var):
+        x, weight, mu, inv_std, total = ctx.saved_tensors
+        dims = channel_dims(x)
+        g = grad.to(mu.dtype)
+        xhat = (x.to(mu.dtype) - channel_view(mu, x)) * channel_view(inv_std, x)
+        sum_g, sum_gx = g.sum(dims), (g * xhat).sum(dims)
+        scale = inv_std if weight is None else inv_std * weight
+        gx = channel_view(scale, x) * (g - channel_view(sum_g / total, x) - xhat * channel_view(sum_gx / total, x))
+        gw, gb = (None, None) if weight is None else (sum_gx.to(weight.dtype), sum_g.to(weight.dtype))
+        return gx.to(x.dtype), gw, gb, None, None, None, None
 
 
 class MemorizedBatchNorm2d(BatchStatNorm):
@@ -109,6 +146,13 @@ class MemorizedBatchNorm2d(BatchStatNorm):
         self.update_running_stats(mean, var, n)
 
     def train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad == "current" and not distributed():
+            n = check_batch(self, x)
+            y, mean, var = PooledBatchNorm.apply(x, self.weight, self.bias, self.memory.mean, self.memory.var,
+                                                 self.memory_weights(), self.eps)
+            if self.record:
+                self.push(mean, var, n)
+            return y
         mean, var, n = self.batch_stats(x)
         if self.grad == "renorm":
             with torch.no_grad():
