@@ -8,7 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from mbn import UserError
+from mbn import UserError, preempt
 from mbn.config import register_configs
 from mbn.tracking import Diverged
 from mbn.validate import validate
@@ -42,6 +42,10 @@ def discard_unstarted(run_dir: str) -> None:
 def main(cfg):
     hc = HydraConfig.get()
     run_dir = hc.runtime.output_dir
+    multirun = hc.mode == RunMode.MULTIRUN
+    # SLURM's time-limit signal: stop at the next epoch boundary, then requeue (mbn/preempt.py). A
+    # rerun finds this run dir again in a sweep (named by config) or when the command names it.
+    preempt.install(run_dir, resumable=multirun or any(o.startswith("hydra.run.dir=") for o in hc.overrides.hydra))
     try:
         validate(cfg)
     except UserError as e:
@@ -50,15 +54,20 @@ def main(cfg):
     from mbn.engine import fit  # after Hydra has parsed the command line: fast --help
 
     try:
-        return fit(cfg, run_dir, hc.overrides.task).get("test_err")  # for sweepers
+        summary = fit(cfg, run_dir, hc.overrides.task)
     except Diverged as e:
-        if hc.mode != RunMode.MULTIRUN:
+        preempt.disarm()  # the sweep goes on with its next run
+        if not multirun:
             fail(e)
         print(f"error: {e}", file=sys.stderr)  # one diverged run of a sweep (its metrics.json says so)
         return None                            # does not end the sweep
     except UserError as e:
         discard_unstarted(run_dir)  # e.g. a normalizer's own check of its hyper-parameters
         fail(e)
+    if preempt.stopped():
+        preempt.requeue_and_exit()  # never returns: exit status preempt.EXIT_PREEMPTED or submitit's
+    preempt.disarm()
+    return summary.get("test_err")  # for sweepers
 
 
 if __name__ == "__main__":

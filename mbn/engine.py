@@ -9,7 +9,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from mbn import UserError, norms
+from mbn import UserError, norms, preempt
 from mbn.build import (autocast_for, make_model, make_optimizer, resolve_device, resolve_perf, seed_everything,
                        set_lr)
 from mbn.checkpoint import (CHECKPOINT, config_differences, load_checkpoint, rng_state, save_checkpoint,
@@ -118,8 +118,8 @@ class Run:
 
 def fit(cfg, run_dir: str, overrides=()) -> dict:
     """Train as configured, writing everything into run_dir (rank 0 only). Returns the final
-    summary, or the summary so far when train.stop_after or train.time_limit ends this
-    invocation early."""
+    summary, or the summary so far when train.stop_after, train.time_limit or SLURM's time-limit
+    signal (mbn.preempt) ends this invocation early."""
     started = time.perf_counter()
     validate(cfg)  # out-of-range values: one clear error before anything is written
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -157,7 +157,7 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
     tracker, wandb_id = make_tracker(cfg, cfg_dict, run, run_dir, overrides, history, start_epoch, wandb_id) \
         if lead else (Tracker(), wandb_id)
     show = lead and cfg.train.progress and cfg.logger.name != "none"
-    stopped_early = False
+    stopped_early, preempted = None, False  # the reason, if this invocation ends early
     for epoch in range(start_epoch, run.num_epochs):
         t0 = time.perf_counter()
         steps = min(run.per_epoch, run.total_steps - step)
@@ -185,9 +185,11 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
         epoch_wall = time.perf_counter() - t0
         reason = agreed(stop_reason(cfg, epoch + 1 - start_epoch, time.perf_counter() - started, epoch_wall), world)
         if reason and epoch + 1 < run.num_epochs:
-            stopped_early = True
+            stopped_early = reason
+            preempted = preempt.stopping(reason)  # then train.py requeues the job
             if lead:
-                tqdm.write(f"stopping after epoch {epoch + 1} ({reason}); continue with resume=true")
+                tqdm.write(f"stopping after epoch {epoch + 1} ({reason})"
+                           + ("" if preempted else "; continue with resume=true"))
             break
 
     if world > 1:
@@ -198,7 +200,11 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
     summary = dict(history[-1]) if history else {}
     summary.update(finished=not stopped_early, epochs=run.num_epochs, total_steps=run.total_steps,
                    wall_time=sum(h["epoch_time"] for h in history), world_size=world)
-    if not stopped_early:
+    if stopped_early:
+        summary.update(status="preempted" if preempted else "stopped", stop_reason=stopped_early)
+        if preempted:  # the run dir says why the job ended; not finished, so no table takes it
+            write_json(done_path, summary)
+    else:
         summary.update(run.final_evaluations())
         summary["status"] = "finished"
         write_json(done_path, summary)
@@ -265,9 +271,12 @@ def agreed(decision, world: int):
 
 
 def stop_reason(cfg, epochs_done: int, elapsed: float, epoch_wall: float):
-    """Why this invocation should end at this epoch boundary (None: go on). Another epoch must fit
+    """Why this invocation should end at this epoch boundary (None: go on). SLURM's signal ahead of
+    the job's time limit (mbn.preempt) ends it at the first boundary. Another epoch must fit
     before train.time_limit (seconds since start) and before $MBN_DEADLINE (an absolute time set
     by `scripts/sweep.py --time-limit` for every job of a sweep)."""
+    if preempt.requested():
+        return preempt.reason()
     if cfg.train.stop_after and epochs_done >= cfg.train.stop_after:
         return f"train.stop_after={cfg.train.stop_after}"
     limit = cfg.train.get("time_limit")
