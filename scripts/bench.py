@@ -6,11 +6,17 @@
 
 Configurations: (a) reference: the eager fp32 loop written below with nn.BatchNorm2d on one fixed
 batch; (b) our BN-1; (c) MBN-1; (d) MBN-2; (e) BRN-2; (f) our BN-1 without the CUDA graph (compile
-only). (b)-(f) run the framework's own training step (`mbn.engine.Run`: the device-side data plan,
-the device's default perf settings — on a GPU bf16, channels_last, torch.compile and one CUDA
-graph replay per step) on synthetic CIFAR-shaped data held on the device. `scripts/gpu_check.py`
-runs every configuration in its own process; with $MBN_BENCH_LOCK set, processes compile in
-parallel and take turns for the timed part."""
+only); (g) BN-1 and (h) MBN-2 for --seeds K seeds (default 8) trained together in one process, as one
+network of grouped convolutions (`mbn.stacked`: exact, each seed its own initialisation and data
+order), img/s counting all K models' images — so (g)'s "vs (b)" is what one process gains by
+stacking, to set against K processes sharing the GPU. (b)-(h) run the framework's own training step
+(`mbn.engine.Run`, or `mbn.stacked.StackedRun`: the device-side data plan, the device's default perf
+settings — on a GPU bf16, channels_last, torch.compile and one CUDA graph replay per step) on
+synthetic CIFAR-shaped data held on the device; (g), (h) are not in the default --only.
+`scripts/gpu_check.py` runs every configuration in its own process; with $MBN_BENCH_LOCK set,
+processes compile in parallel and take turns for the timed part.
+
+    python scripts/bench.py --model resnet20 --batch-sizes 128 --only b g --seeds 8   # stacking's gain"""
 import argparse
 import contextlib
 import fcntl
@@ -29,12 +35,16 @@ import models  # noqa: E402
 from mbn.build import resolve_device  # noqa: E402
 from mbn.engine import Run  # noqa: E402
 from mbn.results import REPO, compose  # noqa: E402
+from mbn.stacked import StackedRun  # noqa: E402
 from mbn.tracking import git_state  # noqa: E402
 
 CONFIGS = {"a": ("reference eager fp32, nn.BatchNorm2d", None, False, ()),
            "b": ("ours BN-1", "bn", False, ()), "c": ("ours MBN-1", "mbn", False, ()),
            "d": ("ours MBN-2", "mbn", True, ()), "e": ("ours BRN-2", "brn", True, ()),
-           "f": ("ours BN-1, no CUDA graph", "bn", False, ("perf.cuda_graph=false",))}
+           "f": ("ours BN-1, no CUDA graph", "bn", False, ("perf.cuda_graph=false",)),
+           "g": ("ours BN-1, {k} seeds stacked in one process", "bn", False, ()),
+           "h": ("ours MBN-2, {k} seeds stacked in one process", "mbn", True, ())}
+STACKED = "gh"  # configurations that train --seeds models at once (mbn.stacked)
 
 
 def reference_step(model, opt, x, y):
@@ -61,8 +71,9 @@ def turn():
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def build(key, model_name, batch, device, size, extra=()):
-    """A zero-argument step function and the perf settings it runs with."""
+def build(key, model_name, batch, device, size, extra=(), seeds=8):
+    """A zero-argument step function and the perf settings it runs with (for the stacked
+    configurations one step trains `seeds` models, each on its own batch of `batch`)."""
     label, norm, double, overrides = CONFIGS[key]
     torch.manual_seed(0)
     if norm is None:
@@ -75,13 +86,18 @@ def build(key, model_name, batch, device, size, extra=()):
     cfg = compose([f"model={model_name}", f"norm={norm}", "data=synthetic", f"data.train_size={batch * 50}",
                    f"train.batch_size={batch}", f"train.double_forward={double}", "optim.lr=0.01",
                    f"device={device}", *overrides, *extra])
-    run = Run(cfg, device)
+    if key in STACKED:
+        run = StackedRun(cfg, device, range(seeds))
+        start_epoch = run.start_epoch
+    else:
+        run = Run(cfg, device)
+        start_epoch = run.train_batches.start_epoch
     run.model.train()
     state = {"i": 0}
 
     def step():
         if state["i"] % run.per_epoch == 0:
-            run.train_batches.start_epoch(state["i"] // run.per_epoch)
+            start_epoch(state["i"] // run.per_epoch)
         run.schedule(0)
         run.step()
         state["i"] += 1
@@ -89,8 +105,9 @@ def build(key, model_name, batch, device, size, extra=()):
     return step, run.perf
 
 
-def measure(key, model_name, batch, steps, warmup, device, size=32, extra=()):
-    step, perf = build(key, model_name, batch, device, size, extra)
+def measure(key, model_name, batch, steps, warmup, device, size=32, extra=(), seeds=8):
+    step, perf = build(key, model_name, batch, device, size, extra, seeds)
+    models = seeds if key in STACKED else 1
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -104,9 +121,12 @@ def measure(key, model_name, batch, steps, warmup, device, size=32, extra=()):
             step()
         sync()
         elapsed = time.perf_counter() - t0
-    return {"key": key, "config": CONFIGS[key][0], "model": model_name, "batch": batch,
-            "images_per_s": batch * steps / elapsed, "ms_per_step": 1000 * elapsed / steps, "warmup_s": warm_s,
-            "perf": {k: perf[k] for k in ("precision", "channels_last", "compile", "cuda_graph")}}
+    row = {"key": key, "config": CONFIGS[key][0].format(k=seeds), "model": model_name, "batch": batch,
+           "images_per_s": models * batch * steps / elapsed, "ms_per_step": 1000 * elapsed / steps, "warmup_s": warm_s,
+           "perf": {k: perf[k] for k in ("precision", "channels_last", "compile", "cuda_graph")}}
+    if key in STACKED:
+        row["seeds"] = seeds  # images_per_s counts every seed's images; batch is each seed's
+    return row
 
 
 def table_lines(rows) -> list:
@@ -120,6 +140,10 @@ def table_lines(rows) -> list:
         lines.append(f"| {r['model']} | ({r['key']}) {r['config']} | {r['batch']} | {r['images_per_s']:.0f} | "
                      f"{r['ms_per_step']:.2f} | {ratio['a']} | {ratio['b']} | "
                      f"{p['precision']} | {p['channels_last']} | {p['compile']} | {p['cuda_graph']} |")
+    if any("seeds" in r for r in rows):
+        lines += ["", "Stacked rows ((g), (h)): K seeds in one process as one network of grouped convolutions; "
+                      "img/s counts all K models' images, batch is each model's, so \"vs (b)\" is the gain over one "
+                      "process."]
     return lines
 
 
@@ -136,24 +160,27 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--model", default="resnet56")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 8])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", help="default 128 8 (--tiny: 8 4)")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=30)
-    ap.add_argument("--only", nargs="*", default=list("abcde"))
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes: resnet20, batch 8 and 4, 3 steps")
+    ap.add_argument("--only", nargs="*", default=list("abcde"), choices=list(CONFIGS))
+    ap.add_argument("--seeds", type=int, default=8, help="models trained at once by the stacked configurations (g, h)")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes: resnet20, batch 8 and 4 (or as given), 3 steps")
     ap.add_argument("--json", action="store_true", help="print one JSON line per measurement only")
     ap.add_argument("--out", default=os.path.join(REPO, "results", "bench.md"))
     args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
     device = resolve_device(args.device)
     extra = ()
     if args.tiny:
-        args.model, args.batch_sizes = "resnet20", [8, 4]
+        args.model, args.batch_sizes = "resnet20", args.batch_sizes or [8, 4]
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
         extra = ("perf.compile=false",)
     rows = []
-    for b in args.batch_sizes:
+    for b in args.batch_sizes or [128, 8]:
         for k in args.only:
-            rows.append(measure(k, args.model, b, args.steps, args.warmup, device, extra=extra))
+            rows.append(measure(k, args.model, b, args.steps, args.warmup, device, extra=extra, seeds=args.seeds))
             if args.json:
                 print(json.dumps(rows[-1]), flush=True)
     if args.json:

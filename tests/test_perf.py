@@ -131,8 +131,12 @@ def test_gpu_check_help_and_dry_rehearsal(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "out" / "gpu_check.jsonl").read_text().splitlines()]
     names = {row["name"] for row in rows}
-    assert {"env", "bench:resnet20-bs8-a", "bench:resnet20-bs8-d", "train:resnet20-mbn2-3ep-synthetic"} <= names
+    assert {"env", "bench:resnet20-bs8-a", "bench:resnet20-bs8-d", "bench:resnet20-bs8-g", "bench:resnet20-bs8-h",
+            "train:resnet20-mbn2-3ep-synthetic"} <= names
     assert all(row["ok"] for row in rows) and "| resnet20 | (d) ours MBN-2 | 8 |" in md.read_text()
+    assert "| resnet20 | (g) ours BN-1, 2 seeds stacked in one process | 8 |" in md.read_text()
+    ratio = next(row for row in rows if row["name"] == "ratio:resnet20-bs8")
+    assert ratio["bn1_stacked_vs_bn1"] > 0 and ratio["mbn2_stacked_vs_mbn2"] > 0
 
 
 @pytest.mark.slow
