@@ -9,6 +9,7 @@ import torch
 
 import models
 from mbn import UserError, norms
+from mbn.schedules import step_lr
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,6 +66,15 @@ def make_optimizer(cfg, model):
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def set_schedule(cfg, optimizer, layers, progress: float) -> float:
+    """The lr and the normalizers' scheduled values (λ, r_max, ...) at `progress` (the fraction of
+    training done); returns the lr."""
+    lr = step_lr(cfg.optim.lr, cfg.schedule.milestones, cfg.schedule.gamma, progress)
+    set_lr(optimizer, lr)
+    norms.set_progress(layers, progress)
+    return lr
 
 
 def resolve_perf(perf, device) -> dict:

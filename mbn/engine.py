@@ -11,11 +11,10 @@ from tqdm import tqdm
 
 from mbn import UserError, norms, preempt
 from mbn.build import (autocast_for, make_model, make_optimizer, resolve_device, resolve_perf, seed_everything,
-                       set_lr)
+                       set_schedule)
 from mbn.checkpoint import (CHECKPOINT, config_differences, load_checkpoint, rng_state, save_checkpoint,
                             set_rng_state)
 from mbn.data import make_loaders
-from mbn.schedules import step_lr
 from mbn.step import Evaluator, TrainStep, precise_data
 from mbn.tracking import (JsonlTracker, Tracker, Trackers, WandbTracker, plural, progress_postfix, run_record,
                           stop_if_diverged, write_json)
@@ -79,11 +78,7 @@ class Run:
 
     def schedule(self, step: int) -> float:
         """Set the lr and the normalizers' scheduled values for `step`; returns the lr."""
-        progress = step / self.total_steps
-        lr = step_lr(self.cfg.optim.lr, self.cfg.schedule.milestones, self.cfg.schedule.gamma, progress)
-        set_lr(self.optimizer, lr)
-        norms.set_progress(self.scheduled, progress)
-        return lr
+        return set_schedule(self.cfg, self.optimizer, self.scheduled, step / self.total_steps)
 
     def train_epoch(self, epoch: int, step: int, steps: int, bar) -> int:
         """`steps` SGD steps of epoch `epoch` starting at global step `step`; no host reads."""

@@ -35,6 +35,7 @@ bf16 autocast, channels_last and CUDA-graph step apply unchanged.
 `StackedRun` builds what `scripts/bench.py` times: K seeds of one config (model k initialised as
 `train.py seed=s_k` would, reading its own data order), stacked, with the device's perf settings.
 """
+import contextlib
 import copy
 import math
 
@@ -43,9 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mbn import UserError, norms
+from mbn.build import autocast_for, make_model, make_optimizer, resolve_perf, set_schedule
+from mbn.data import Batches, Split, make_loaders
 from mbn.norms.bn import BatchNorm2d
 from mbn.norms.brn import BatchRenorm2d
 from mbn.norms.mbn import MemorizedBatchNorm2d
+from mbn.step import TrainStep
 from models.nin import NIN
 from models.resnet_cifar import BasicBlock, CifarResNet
 from models.vgg import VGG
@@ -261,52 +265,27 @@ def stacked_losses(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out.transpose(1, 2), y, reduction="none").mean(0)
 
 
-class StackedStep:
-    """`mbn.step.TrainStep` for a stacked model fed by K batch sources: one SGD step of all K
-    models (single or double forward), the summed loss of K means, per-model loss sums (K,) and
-    error counts (K,) accumulated on the device; the body is what a CUDA graph captures."""
+class StackedBatches:
+    """K batch sources served as one: the stacked input (N, K·C, H, W) and targets (N, K)."""
 
-    def __init__(self, model: Stacked, optimizer, batches, double_forward: bool, autocast=None,
-                 forward=None, graph: bool = False):
-        import contextlib
-
-        from mbn.step import Replay
-
-        self.model, self.optimizer, self.batches = model, optimizer, list(batches)
-        if len(self.batches) != model.k:
-            raise UserError(f"{model.k} stacked models need {model.k} batch sources, got {len(self.batches)}")
-        self.forward = model if forward is None else forward
-        self.double_forward = double_forward
-        self.autocast = autocast or contextlib.nullcontext
-        device = self.batches[0].device
-        self.loss_sum = torch.zeros(model.k, device=device, dtype=torch.float64)
-        self.errors = torch.zeros(model.k, device=device, dtype=torch.long)
-        self.replay = Replay(self.body, graph and all(b.capturable for b in self.batches))
+    def __init__(self, batches):
+        self.batches = list(batches)
+        self.device = self.batches[0].device
+        self.capturable = all(b.capturable for b in self.batches)
 
     def next_batch(self):
-        xs, ys = zip(*(b.next_batch()[:2] for b in self.batches))
-        return stack_inputs(xs), torch.stack(ys, 1)
+        xs, ys, valid = zip(*(b.next_batch() for b in self.batches))
+        return stack_inputs(xs), torch.stack(ys, 1), torch.stack(valid, 1)
 
-    def body(self) -> None:
-        x, y = self.next_batch()
-        self.optimizer.zero_grad(set_to_none=True)
-        with norms.recording(self.model, not self.double_forward), self.autocast():
-            out = self.forward(x)
-            losses = stacked_losses(out, y)
-        losses.sum().backward()
-        self.optimizer.step()
-        self.loss_sum += losses.detach().double() * y.size(0)
-        self.errors += (out.detach().argmax(2) != y).sum(0)
-        if self.double_forward:
-            with torch.no_grad(), norms.recording(self.model, True), self.autocast():
-                self.forward(x)
 
-    def __call__(self) -> None:
-        self.replay(key=tuple(g["lr"] for g in self.optimizer.param_groups))
-
-    def reset(self) -> None:
-        self.loss_sum.zero_()
-        self.errors.zero_()
+def stacked_step(model: Stacked, optimizer, batches, double_forward: bool, autocast=contextlib.nullcontext,
+                 forward=None, graph: bool = False) -> TrainStep:
+    """`mbn.step.TrainStep` for a stacked model fed by K batch sources (one per model): one SGD step
+    of all K models; loss sums and error counts per model, shape (K,)."""
+    if len(batches) != model.k:
+        raise UserError(f"{model.k} stacked models need {model.k} batch sources, got {len(batches)}")
+    return TrainStep(model, optimizer, StackedBatches(batches), double_forward, autocast, forward, graph,
+                     loss_fn=stacked_losses, per_model=(model.k,))
 
 
 class StackedRun:
@@ -316,8 +295,6 @@ class StackedRun:
     graph on a GPU); one SGD optimizer over the stacked parameters. Training only (no evaluator)."""
 
     def __init__(self, cfg, device, seeds):
-        from mbn.build import autocast_for, make_model, make_optimizer, resolve_perf
-        from mbn.data import Batches, Split, make_loaders
 
         self.cfg, self.device, self.seeds = cfg, device, list(seeds)
         self.perf = resolve_perf(cfg.perf, device)
@@ -336,8 +313,8 @@ class StackedRun:
         self.model = model
         self.optimizer = make_optimizer(cfg, model)
         self.forward = torch.compile(model, mode=self.perf["compile_mode"]) if self.perf["compile"] else model
-        self.step = StackedStep(model, self.optimizer, self.train_batches, cfg.train.double_forward, self.autocast,
-                                self.forward, self.perf["cuda_graph"])
+        self.step = stacked_step(model, self.optimizer, self.train_batches, cfg.train.double_forward, self.autocast,
+                                 self.forward, self.perf["cuda_graph"])
         self.scheduled = [m for m in norms.normalizers(model)
                           if type(m).set_progress is not norms.Normalizer.set_progress]
         self.per_epoch = len(self.train_batches[0])
@@ -350,11 +327,4 @@ class StackedRun:
 
     def schedule(self, step: int) -> float:
         """The lr and the normalizers' scheduled values for `step`, as `Run.schedule`."""
-        from mbn.build import set_lr
-        from mbn.schedules import step_lr
-
-        progress = step / self.total_steps
-        lr = step_lr(self.cfg.optim.lr, self.cfg.schedule.milestones, self.cfg.schedule.gamma, progress)
-        set_lr(self.optimizer, lr)
-        norms.set_progress(self.scheduled, progress)
-        return lr
+        return set_schedule(self.cfg, self.optimizer, self.scheduled, step / self.total_steps)

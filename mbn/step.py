@@ -54,16 +54,19 @@ class TrainStep:
     """One SGD update on the next training batch. Single forward: the training forward records
     statistics. Double forward (Algorithm 1): train without recording, step, then record with a
     second no-grad forward of the same batch, so stored statistics come from the updated weights.
-    `loss_sum` and `errors` accumulate on the device until `reset()`."""
+    `loss_sum` and `errors` accumulate on the device until `reset()`.
+
+    `loss_fn(out, y)` is the mean loss; several models trained as one (mbn.stacked) give a loss
+    per model, shape `per_model`, and train on their sum; the sums are then per model too."""
 
     def __init__(self, model, optimizer, batches, double_forward: bool, autocast=contextlib.nullcontext,
-                 forward=None, graph: bool = False):
+                 forward=None, graph: bool = False, loss_fn=F.cross_entropy, per_model=()):
         self.model, self.optimizer, self.batches = model, optimizer, batches
         self.forward = model if forward is None else forward
-        self.double_forward, self.autocast = double_forward, autocast
+        self.double_forward, self.autocast, self.loss_fn = double_forward, autocast, loss_fn
         device = batches.device
-        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        self.errors = torch.zeros((), device=device, dtype=torch.long)
+        self.loss_sum = torch.zeros(per_model, device=device, dtype=torch.float64)
+        self.errors = torch.zeros(per_model, device=device, dtype=torch.long)
         self.replay = Replay(self.body, graph and batches.capturable)
 
     def body(self) -> None:
@@ -71,12 +74,12 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         with recording(self.model, not self.double_forward), self.autocast():
             out = self.forward(x)
-            loss = F.cross_entropy(out, y)
-        loss.backward()
+            loss = self.loss_fn(out, y)
+        loss.sum().backward()
         self.optimizer.step()
         # read the outputs before the second forward, which may reuse their memory
-        self.loss_sum += loss.detach().double() * len(y)
-        self.errors += (out.detach().argmax(1) != y).sum()
+        self.loss_sum += loss.detach().double() * y.size(0)
+        self.errors += (out.detach().argmax(-1) != y).sum(0)
         if self.double_forward:
             with torch.no_grad(), recording(self.model, True), self.autocast():
                 self.forward(x)

@@ -265,7 +265,7 @@ GRAPH_REPLAY_MUTANTS: List[Mutant] = [
     M("preempt_no_watchdog", "mbn/preempt.py", "    _state.received.wait()\n", "    return\n",
       "tests/test_preempt.py::test_epoch_longer_than_the_grace_is_requeued_at_once_from_the_last_checkpoint",
       "an epoch longer than SLURM's grace period is killed at the time limit and never requeued"),
-    M("stacked_losses_averaged", "mbn/stacked.py", "        losses.sum().backward()", "        losses.mean().backward()",
+    M("stacked_losses_averaged", "mbn/stacked.py", 'reduction="none").mean(0)', 'reduction="none").mean(0) / y.size(1)',
       "tests/test_stacked.py", "stacked seeds train on the mean of their losses (each model's gradient / K)"),
 ]
 MUTANTS += NEW_NORMALIZER_MUTANTS + GRAPH_REPLAY_MUTANTS

@@ -6,14 +6,13 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mbn import UserError
 from mbn.build import make_model
 from mbn.engine import Run
 from mbn.norms import normalizers, recording, set_progress
-from mbn.stacked import StackedRun, StackedStep, stack, stack_inputs, stacked_losses, unstack
+from mbn.stacked import StackedRun, stack, stacked_step, stack_inputs, stacked_losses, unstack
 from mbn.step import train_step
 from tests.conftest import REPO, make_cfg
 
@@ -92,7 +91,7 @@ def assert_same_models(stacked, models, atol=1e-12, rtol=1e-10):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_stacked_training_equals_separate_training_float64(case, float64):
     """ResNet-20 (shortcut padding included), K = 3 seeds, 3 SGD steps (momentum, weight decay),
-    each model on its own batches: the stacked network trained by StackedStep on the
+    each model on its own batches: the stacked network trained by stacked_step on the
     channel-concatenated batches equals the separately trained models — every parameter, running
     statistic, MBN memory slot and counter, every step's loss, and the eval outputs."""
     models, data, double = build(case)
@@ -100,7 +99,7 @@ def test_stacked_training_equals_separate_training_float64(case, float64):
     assert sum(1 for m in stacked.modules() if isinstance(m, nn.Conv2d) and m.groups == K) == 19
     separate = train_separately(models, data, double)
 
-    step = StackedStep(stacked, sgd(stacked.parameters()), [Feed(d) for d in data], double)
+    step = stacked_step(stacked, sgd(stacked.parameters()), [Feed(d) for d in data], double)
     losses = torch.zeros(STEPS, K)
     for t in range(STEPS):
         before = step.loss_sum.clone()
