@@ -62,6 +62,7 @@ RULES = [
     ("norm.r_max_end", "BRN's r_max_end", UNIT + " (a fraction of training)", unit),
     ("norm.d_max_end", "BRN's d_max_end", UNIT + " (a fraction of training)", unit),
     ("norm.const", "NormProp's constant", "must be > 0", positive),
+    ("norm.filter_norm", "NormProp's initial filter length", "must be > 0; the default is 10", positive),
     ("optim.lr", "the learning rate", "must be a number > 0; the paper's is 0.1", positive),
     ("optim.momentum", "SGD's momentum", UNIT, unit),
     ("optim.weight_decay", "the weight decay", "must be >= 0", at_least(0)),

@@ -22,7 +22,10 @@ class NIN(nn.Module):
             *conv(192, 192, 3), *conv(192, 192, 1),
             nn.Conv2d(192, num_classes, 1),  # feeds no normalizer
         )
-        for m in self.modules():
+        # He init for the convolutions that feed a norm and ReLU; the classifier keeps PyTorch's
+        # default (fan-in) init, like VGG's Linear: fan-out He init with 10 outputs gave logits of
+        # std ~3 at init, which NormProp (no batch statistics to absorb it) did not survive
+        for m in self.features[:-1].modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 

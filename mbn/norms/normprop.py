@@ -1,11 +1,32 @@
 """Normalization Propagation (Arpit et al., ICML 2016): data-independent normalization.
 
 Each output channel of the preceding convolution is divided by the ℓ2 norm of its filter and by
-the paper's constant 1.21 — the factor by which a NormProp ReLU layer's Jacobian grows the
-signal, so dividing by it keeps activations O(1) layer after layer — then scaled by a learnable γ
-and shifted by β. The ReLU that follows is replaced by `NormPropReLU`, which re-centres and
+the constant 1.21, then scaled by a learnable γ and shifted by β:
+
+    o_i = γ_i · (W_i ⋆ x) / (1.21 · ‖W_i‖) + β_i
+
+1.21 ≈ 1/sqrt(1 − 1/π) is the RMS gain of the NormProp ReLU's Jacobian (its slope is 1/RELU_STD on
+the half of a N(0, 1) input that is positive). The paper starts γ at 1/1.21 so that a layer's
+Jacobian has singular values near 1; dividing by the constant with γ starting at 1 is the same
+layer at initialization. It keeps the backward signal O(1); the forward pre-activation std
+shrinks by 1/1.21 a layer, which the NormProp ReLU's fixed re-centring turns into a growing
+negative mean. The ReLU that follows is replaced by `NormPropReLU`, which re-centres and
 re-scales with the closed-form mean and std of a rectified N(0, 1). Inputs are normalized with
 dataset statistics (our data pipeline does that). Defined for plain (non-residual) networks only.
+
+Filter length. The output does not depend on ‖W_i‖, so under SGD the length is purely the step
+size of the filter's direction: the gradient is orthogonal to W_i and of size ∝ 1/‖W_i‖, a step
+turns the filter by ≈ lr·|∇|/‖W_i‖² radians. The models' He (fan-out) init leaves lengths of
+0.18 (NIN's 3→192 5x5 conv) to 1.8, so at the paper's lr 0.1 the first step turns NIN's filters by
+0.5 rad (first conv), 0.26 rad (conv after the max-pool), 0.18 rad (after the avg-pool). BN shrugs
+that off (it divides by the measured std); NormProp cannot: dividing by ‖W_i‖ gives unit
+variance only for a white input, and after a pooling layer the im2col patches' second-moment
+matrix has its top eigenvalue ~1000x the mean one, so a 0.26 rad turn toward it multiplied the
+next pre-activation std by 13 (0.69 → 9.3); through the depth the logits reached ~1e3 and the
+run was NaN at step 3. `init_filter_lengths` (the NormProp spec's build step) therefore gives
+every filter that feeds a NormProp2d the length `filter_norm` (its direction is the model's
+init): the same function, a step size that NormProp survives. Weight decay then moves the
+lengths toward the equilibrium that lr, momentum and decay set, as for BN.
 """
 import math
 from dataclasses import dataclass
@@ -58,12 +79,29 @@ class NormProp2d(Normalizer):
         return f"{self.num_features}, const=1/{self.const}"
 
 
+def init_filter_lengths(model: nn.Module, cfg) -> nn.Module:
+    """Give every filter of a convolution bound to a NormProp2d the length `norm.filter_norm`,
+    keeping its direction (the function the model computes is unchanged); see the module
+    docstring. Run once, by mbn.build.make_model, before any checkpoint is loaded."""
+    length = cfg.norm.filter_norm
+    if not length > 0:
+        raise UserError(f"norm.filter_norm must be > 0 (got {length}); it is the initial length of every "
+                        "filter feeding NormProp, the step size of its direction (default 10)")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, NormProp2d) and m._conv is not None:
+                w = m._conv.weight
+                w.mul_(length / w.flatten(1).norm(dim=1).clamp_min(m.eps).view(-1, *[1] * (w.dim() - 1)))
+    return model
+
+
 @dataclass
 class NormPropConfig(NormConfig):
     name: str = "normprop"
-    const: float = 1.21   # outputs are divided by it (Arpit et al. 2016)
+    const: float = 1.21   # outputs are divided by it (Arpit et al. 2016: γ starts at 1/1.21)
     eps: float = 1e-8
+    filter_norm: float = 10.0  # initial ‖W_i‖ of every filter feeding NormProp: its direction's step size
 
 
-register("normprop", NormSpec(NormProp2d, NormPropConfig, fields("const", "eps"),
-                              act_layer=NormPropReLU, residual_ok=False))
+register("normprop", NormSpec(NormProp2d, NormPropConfig, fields("const", "eps"), act_layer=NormPropReLU,
+                              residual_ok=False, wrap_model=init_filter_lengths))
