@@ -24,7 +24,7 @@ class NIN(nn.Module):
         )
         # He init for the convolutions that feed a norm and ReLU; the classifier keeps PyTorch's
         # default (fan-in) init, like VGG's Linear: fan-out He init with 10 outputs gave logits of
-        # std ~3 at init, which NormProp (no batch statistics to absorb it) did not survive
+        # std ~3 at init, which a normalizer without batch statistics did not survive
         for m in self.features[:-1].modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -122,8 +122,8 @@ MUTANTS: List[Mutant] = [
       "self.filled.copy_(self.filled + 1)", T_NORMS, "the memory's fill count grows past its size"),
     # ------------------------------------------------------------------ double forward
     M("second_forward_before_step", "mbn/step.py",
-      "        loss.backward()\n        self.optimizer.step()\n",
-      "        loss.backward()\n        if self.double_forward:\n"
+      "        loss.sum().backward()\n        self.optimizer.step()\n",
+      "        loss.sum().backward()\n        if self.double_forward:\n"
       "            with torch.no_grad(), recording(self.model, True):\n"
       "                self.forward(x)\n        self.optimizer.step()\n",
       T_DF, "double forward records before the SGD step (statistics of the old weights)"),
@@ -138,8 +138,8 @@ MUTANTS: List[Mutant] = [
       "the lr drops one step late at a milestone"),
     M("piecewise_late", "mbn/schedules.py", "i = sum(progress >= m for m in milestones)",
       "i = sum(progress > m for m in milestones)", T_SCHED, "λ switches one step late at a milestone"),
-    M("progress_off_by_one", "mbn/engine.py", "progress = step / self.total_steps",
-      "progress = (step + 1) / self.total_steps",
+    M("progress_off_by_one", "mbn/engine.py", "self.scheduled, step / self.total_steps)",
+      "self.scheduled, (step + 1) / self.total_steps)",
       f"{T_SCHED}::test_training_logs_the_new_lr_and_lambda_from_the_milestone_step_on",
       "the loop computes progress after the step: every schedule switches one step early"),
     M("brn_ramp_inverted", "mbn/schedules.py", "if progress <= start:\n        return v0",
@@ -237,13 +237,19 @@ NEW_NORMALIZER_MUTANTS: List[Mutant] = [
     M("precise_raw_second_moment", "mbn/norms/base.py", "self.load_population_stats(mean, s[1] / s[2] - mean * mean)",
       "self.load_population_stats(mean, s[1] / s[2])", "tests/test_norms.py",
       "PreciseBN writes E[x²] instead of the variance"),
+    M("normprop_filter_lengths_not_set", "mbn/norms/normprop.py", "residual_ok=False, wrap_model=init_filter_lengths)",
+      "residual_ok=False)", "tests/test_normprop.py",
+      "NormProp's filters keep their He-init lengths (the direction's step size at lr 0.1 diverges)"),
+    M("nin_classifier_he_init", "models/nin.py", "for m in self.features[:-1].modules():", "for m in self.modules():",
+      "tests/test_normprop.py::test_nin_normprop_trains_at_the_default_lr",
+      "NIN's classifier gets fan-out He init (logits of std ~3 at init)"),
 ]
 T_STEP = "tests/test_step.py"
 GRAPH_REPLAY_MUTANTS: List[Mutant] = [
     M("step_no_zero_grad", "mbn/step.py", "        self.optimizer.zero_grad(set_to_none=True)\n", "",
       f"{T_STEP}::test_graph_style_step_equals_the_plain_step_in_float64", "gradients accumulate across steps"),
     M("step_errors_after_record_pass", "mbn/step.py",
-      "        self.errors += (out.detach().argmax(1) != y).sum()\n", "",
+      "        self.errors += (out.detach().argmax(-1) != y).sum(0)\n", "",
       f"{T_STEP}::test_graph_style_step_equals_the_plain_step_in_float64", "the step forgets the error count"),
     M("step_record_flag_inverted", "mbn/step.py", "with recording(self.model, not self.double_forward)",
       "with recording(self.model, self.double_forward)",

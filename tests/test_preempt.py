@@ -204,6 +204,7 @@ def environ(pid):
         return dict(kv.split("=", 1) for kv in f.read().decode(errors="replace").split("\0") if "=" in kv)
 
 
+@pytest.mark.slow
 def test_under_submitit_the_job_is_requeued_by_submitit_and_ends_bitwise(straight, tmp_path):
     """hydra-submitit-launcher's local executor runs the job as SLURM would (its controller reruns
     a job that submitit requeued): SIGUSR2 to the job's process, the run stops at an epoch
@@ -233,6 +234,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_ranks_stop_at_rank_0s_boundary_and_rank_0_requeues(tmp_path, scontrol):
     """torchrun, 2 CPU processes; the signal reaches rank 0 only: rank 1 stops at the same epoch
     boundary all the same (rank 0's decision), only rank 0 requeues, both exit EXIT_PREEMPTED."""
