@@ -116,8 +116,9 @@ MUTANTS: List[Mutant] = [
       "alpha = torch.where(age == 0, torch.ones_like(mem.count), self.alpha((age - 1).clamp(min=0)))",
       "alpha = self.alpha(age)", T_NORMS,
       "inference weighs the newest recorded batch with λ instead of treating it as the current batch"),
-    M("mbn_records_always", "mbn/norms/mbn.py", "        if self.record:\n            self.push(",
-      "        if True:\n            self.push(", f"{T_NORMS} {T_DF}", "MBN records in forwards that should not"),
+    M("mbn_records_always", "mbn/norms/mbn.py", "            if self.record:\n                self.push(mean, var, n)",
+      "            if True:\n                self.push(mean, var, n)", f"{T_NORMS} {T_DF}",
+      "MBN records in forwards that should not"),
     M("memory_fills_past_size", "mbn/norms/base.py", "self.filled.copy_((self.filled + 1).clamp(max=self.size))",
       "self.filled.copy_(self.filled + 1)", T_NORMS, "the memory's fill count grows past its size"),
     # ------------------------------------------------------------------ double forward
