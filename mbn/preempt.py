@@ -90,7 +90,13 @@ def install(run_dir: str, resumable: bool = True) -> None:
     _state.run_dir, _state.resumable = run_dir, resumable
     _state.claimed = _state.stopped = False
     signum = preempt_signal()
-    if _state.signum is not None or signum is None or threading.current_thread() is not threading.main_thread():
+    if _state.signum is not None:
+        # the signal came during an earlier run of this process (a multirun): the time left is
+        # short and the earlier watchdog may be gone, so this run's watchdog requeues at once
+        if requested() and lead() and (in_slurm() or _submitit_handler()):
+            threading.Thread(target=_watchdog, name="mbn-preempt-watchdog", daemon=True).start()
+        return
+    if signum is None or threading.current_thread() is not threading.main_thread():
         return
     _state.previous = signal.signal(signum, _handler)
     _state.signum = signum
@@ -151,7 +157,9 @@ def requeue_and_exit():
     """After fit stopped at an epoch boundary because of the signal: requeue the job (rank 0) and
     exit in the way the job's manager reads as 'not done, run me again'."""
     if not lead():
-        sys.exit(EXIT_PREEMPTED)  # rank 0 requeues the job
+        # exit 0: torchrun ends every worker as soon as one exits non-zero, which would kill
+        # rank 0 before it requeues; rank 0's status is the job's
+        sys.exit(0)
     if not _claim():  # the watchdog is requeueing already and ends the process
         while True:
             time.sleep(60)

@@ -593,3 +593,19 @@ def test_mbn_backward_runs_half_the_ops_of_autograd_through_eq_6():
     bn_ops = backward_ops(bn, lambda m, x: m(x))
     autograd = backward_ops(m, lambda m, x: m.affine_apply(x, *m.memorized_stats(*m.batch_stats(x))))
     assert 2 * fast <= autograd, (fast, bn_ops, autograd)  # 23 vs 54 ops (BN: 5) when written
+
+
+def test_pooled_statistics_stay_fp32_under_bf16_autocast():
+    """Eq. 6 under bf16 autocast is computed in fp32 (a matmul there would run in bf16), in
+    training and inference, and equals the fp32 computation."""
+    m = MemorizedBatchNorm2d(C, memory_size=4, lam=0.5).float()
+    for i in range(3):
+        m.push(*[t.float() if torch.is_tensor(t) else t for t in stats(batch(seed=20 + i, shift=3.0 + i))])
+    x = batch(seed=30, shift=3.0).float()
+    mean, var, n = m.batch_stats(x)
+    want = m.memorized_stats(mean, var, n), m.memorized_stats()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m.memorized_stats(mean, var, n), m.memorized_stats()
+    for (gm, gv), (wm, wv) in zip(got, want):
+        assert gm.dtype == gv.dtype == torch.float32
+        torch.testing.assert_close((gm, gv), (wm, wv), rtol=1e-6, atol=1e-6)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import List, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from mbn import UserError
 from mbn.norms.base import (BatchStatNorm, StatsMemory, channel_dims, channel_stats, channel_view, check_batch,
@@ -52,6 +53,7 @@ class PooledBatchNorm(torch.autograd.Function):
         return scale_shift(x, mu, inv_std, weight, bias), mean, var
 
     @staticmethod
+    @once_differentiable  # μ̂ and 1/σ̂ are saved as constants: a second derivative would be wrong
     def backward(ctx, grad, _mean, _var):
         x, weight, mu, inv_std, total = ctx.saved_tensors
         dims = channel_dims(x)

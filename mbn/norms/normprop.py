@@ -9,9 +9,9 @@ the constant 1.21, then scaled by a learnable γ and shifted by β:
 the half of a N(0, 1) input that is positive). The paper starts γ at 1/1.21 so that a layer's
 Jacobian has singular values near 1; dividing by the constant with γ starting at 1 is the same
 layer at initialization. It keeps the backward signal O(1); the forward pre-activation std
-shrinks by 1/1.21 a layer, which the NormProp ReLU's fixed re-centring turns into a growing
-negative mean. The ReLU that follows is replaced by `NormPropReLU`, which re-centres and
-re-scales with the closed-form mean and std of a rectified N(0, 1). Inputs are normalized with
+comes out below 1 (0.2-1 through NIN and VGG-16 at init, tests/test_normprop.py). The ReLU
+that follows is replaced by `NormPropReLU`, which re-centres and re-scales with the closed-form
+mean and std of a rectified N(0, 1). Inputs are normalized with
 dataset statistics (our data pipeline does that). Defined for plain (non-residual) networks only.
 
 Filter length. The output does not depend on ‖W_i‖, so under SGD the length is purely the step
@@ -83,7 +83,9 @@ def init_filter_lengths(model: nn.Module, cfg) -> nn.Module:
     """Give every filter of a convolution bound to a NormProp2d the length `norm.filter_norm`,
     keeping its direction (the function the model computes is unchanged); see the module
     docstring. Run once, by mbn.build.make_model, before any checkpoint is loaded."""
-    length = cfg.norm.filter_norm
+    length = cfg.norm.get("filter_norm")
+    if length is None:  # a checkpoint from before this key: its weights are loaded over the model anyway
+        return model
     if not length > 0:
         raise UserError(f"norm.filter_norm must be > 0 (got {length}); it is the initial length of every "
                         "filter feeding NormProp, the step size of its direction (default 10)")
