@@ -89,17 +89,16 @@ def install(run_dir: str, resumable: bool = True) -> None:
     run of a multirun in one process: the state of the previous run is reset, the signal kept)."""
     _state.run_dir, _state.resumable = run_dir, resumable
     _state.claimed = _state.stopped = False
-    signum = preempt_signal()
-    if _state.signum is not None:
-        # the signal came during an earlier run of this process (a multirun): the time left is
-        # short and the earlier watchdog may be gone, so this run's watchdog requeues at once
-        if requested() and lead() and (in_slurm() or _submitit_handler()):
-            threading.Thread(target=_watchdog, name="mbn-preempt-watchdog", daemon=True).start()
-        return
-    if signum is None or threading.current_thread() is not threading.main_thread():
-        return
-    _state.previous = signal.signal(signum, _handler)
-    _state.signum = signum
+    if _state.signum is None:
+        signum = preempt_signal()
+        if signum is None or threading.current_thread() is not threading.main_thread():
+            return
+        _state.previous = signal.signal(signum, _handler)
+        _state.signum = signum
+    elif not requested():
+        return  # the watchdog of an earlier run of this process (a multirun) still waits
+    # else the signal came during an earlier run: the time left is short and that run's watchdog
+    # may be gone, so this run's watchdog requeues at once
     if lead() and (in_slurm() or _submitit_handler()):
         threading.Thread(target=_watchdog, name="mbn-preempt-watchdog", daemon=True).start()
 

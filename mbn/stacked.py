@@ -95,19 +95,16 @@ class StackedBasicBlock(BasicBlock):
 
     k: int = 1
 
-    def forward(self, x):
-        out = self.act1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x
-        if self.stride != 1 or self.extra:
-            s = x[:, :, ::self.stride, ::self.stride]
-            n, kc, h, w = s.shape
-            s = F.pad(s.reshape(n, self.k, kc // self.k, h, w),
-                      (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-            shortcut = s.reshape(n, -1, h, w)
-            if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-                shortcut = shortcut.contiguous(memory_format=torch.channels_last)
-        return self.act2(out + shortcut)
+    def shortcut(self, x):
+        if self.stride == 1 and not self.extra:
+            return x
+        s = x[:, :, ::self.stride, ::self.stride]
+        n, kc, h, w = s.shape
+        s = F.pad(s.reshape(n, self.k, kc // self.k, h, w), (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        s = s.reshape(n, -1, h, w)
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            s = s.contiguous(memory_format=torch.channels_last)
+        return s
 
 
 class Stacked(nn.Module):

@@ -19,11 +19,13 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        shortcut = x
-        if self.stride != 1 or self.extra:
-            shortcut = x[:, :, ::self.stride, ::self.stride]
-            shortcut = F.pad(shortcut, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-        return self.act2(out + shortcut)
+        return self.act2(out + self.shortcut(x))
+
+    def shortcut(self, x):
+        """Option A: identity, subsampled and zero-padded in channels where the shape changes."""
+        if self.stride == 1 and not self.extra:
+            return x
+        return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
 
 
 class CifarResNet(nn.Module):

@@ -43,10 +43,18 @@ def channel_dims(x: torch.Tensor):
     return [0] + list(range(2, x.dim()))
 
 
-def channel_stats(x: torch.Tensor, dtype: torch.dtype):
-    """Per-channel mean and biased variance of `x`, computed in `dtype`."""
+def channel_stats(x: torch.Tensor, dtype: torch.dtype = None):
+    """Per-channel mean and biased variance of `x`, computed in `dtype` (default: x's, fp32 for
+    half-precision x: statistics and memory stay fp32 under autocast)."""
+    if dtype is None:
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     var, mean = torch.var_mean(x.to(dtype), dim=channel_dims(x), correction=0)
     return mean, var
+
+
+def channel_affine(x, scale, shift):
+    """x·scale + shift per channel, computed in the dtype of `scale`, returned in x's."""
+    return (x.to(scale.dtype) * channel_view(scale, x) + channel_view(shift, x)).to(x.dtype)
 
 
 def scale_shift(x, mean, inv_std, weight=None, bias=None):
@@ -54,7 +62,7 @@ def scale_shift(x, mean, inv_std, weight=None, bias=None):
     in the statistics' precision and returned in x's."""
     scale = inv_std if weight is None else inv_std * weight
     shift = -mean * scale if bias is None else bias - mean * scale
-    return (x.to(scale.dtype) * channel_view(scale, x) + channel_view(shift, x)).to(x.dtype)
+    return channel_affine(x, scale, shift)
 
 
 def distributed() -> bool:
@@ -148,8 +156,7 @@ class BatchStatNorm(Normalizer):
         of values per channel, over the global batch when training with several processes.
         Differentiable."""
         n = check_batch(self, x)
-        # statistics and memory stay in fp32 under autocast
-        mean, var = channel_stats(x, torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype)
+        mean, var = channel_stats(x)
         if distributed():
             return global_stats(mean, var, n)
         return mean, var, n

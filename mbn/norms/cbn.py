@@ -55,7 +55,7 @@ from torch import nn
 from torch.nn.grad import conv2d_weight
 
 from mbn import UserError
-from mbn.norms.base import BatchStatNorm, StatsMemory, check_batch
+from mbn.norms.base import BatchStatNorm, StatsMemory, channel_stats, check_batch
 from mbn.norms.registry import NormConfig, NormSpec, fields, register
 
 
@@ -149,9 +149,7 @@ class CrossIterationBatchNorm2d(BatchStatNorm):
     def local_stats(self, x: torch.Tensor):
         """This process's batch mean and biased variance (fp32 under autocast); differentiable."""
         n = check_batch(self, x)
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.dim())), correction=0)
+        mean, var = channel_stats(x)
         return mean, var, n
 
     @torch.no_grad()

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from mbn import UserError
-from mbn.norms.base import BatchStatNorm, channel_dims, check_batch
+from mbn.norms.base import BatchStatNorm, channel_affine, channel_dims, channel_view, check_batch
 from mbn.norms.registry import NormConfig, NormSpec, register
 
 
@@ -51,12 +51,6 @@ class CentredConv2d(nn.Conv2d):
         if self.centre:
             w = w - w.mean(dim=(1, 2, 3), keepdim=True)
         return self._conv_forward(x, w, self.bias)
-
-
-def _scale_shift(x, scale, shift):
-    """x·scale + shift per channel, computed in the dtype of `scale`, returned in x's."""
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return (x.to(scale.dtype) * scale.view(shape) + shift.view(shape)).to(x.dtype)
 
 
 class _MABNFunction(torch.autograd.Function):
@@ -76,7 +70,7 @@ class _MABNFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, s, r, slot, use_batch)
         ctx.state = (t, sq_ring, running_sq, psi_ring)
         ctx.new = (new_t, new_sq_ring, new_running_sq)
-        return _scale_shift(x, weight * r / s, bias)
+        return channel_affine(x, weight * r / s, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -84,7 +78,6 @@ class _MABNFunction(torch.autograd.Function):
         evaluated as ∂L/∂out·(γ·r/s) − x·(ψ̄/s²) from one reduction Σ ∂L/∂out·x."""
         x, weight, s, r, slot, use_batch = ctx.saved_tensors
         t, sq_ring, running_sq, psi_ring = ctx.state
-        shape = (1, -1) + (1,) * (x.dim() - 2)
         dims = channel_dims(x)
         gout, xs = grad_out.to(s.dtype), x.to(s.dtype)
         grad_weight = (gout * xs).sum(dims) * r / s
@@ -92,7 +85,7 @@ class _MABNFunction(torch.autograd.Function):
         batch_psi = weight * grad_weight * (x.size(1) / x.numel())
         psi = torch.where(slot[:, None], batch_psi, psi_ring)
         psi_bar = torch.where(use_batch, batch_psi, psi.mean(0))
-        grad_x = gout * (weight * r / s).view(shape) - xs * (psi_bar / s.square()).view(shape)
+        grad_x = gout * channel_view(weight * r / s, x) - xs * channel_view(psi_bar / s.square(), x)
         with torch.no_grad():
             for buf, new in zip((t, sq_ring, running_sq, psi_ring), (*ctx.new, psi)):
                 if new is not None:
@@ -166,10 +159,10 @@ class MovingAverageBatchNorm2d(BatchStatNorm):
             with torch.no_grad():
                 self.sq_ring.copy_(ring)
                 self.running_sq.copy_(running_sq)
-        return _scale_shift(x, self.weight * r / s, self.bias)
+        return channel_affine(x, self.weight * r / s, self.bias)
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        return _scale_shift(x, self.weight * torch.rsqrt(self.running_sq + self.eps), self.bias)
+        return channel_affine(x, self.weight * torch.rsqrt(self.running_sq + self.eps), self.bias)
 
     # --- PreciseBN: the population ⟨x²⟩ of the final weights into R
     def precise_begin(self) -> bool:
@@ -181,7 +174,7 @@ class MovingAverageBatchNorm2d(BatchStatNorm):
         n = check_batch(self, x)
         q = self.batch_sq(x)
         self._precise += torch.stack([n * q.double(), torch.full_like(q, n, dtype=torch.float64)])
-        return _scale_shift(x, self.weight * torch.rsqrt(q + self.eps), self.bias)
+        return channel_affine(x, self.weight * torch.rsqrt(q + self.eps), self.bias)
 
     @torch.no_grad()
     def precise_end(self) -> None:

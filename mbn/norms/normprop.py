@@ -71,9 +71,12 @@ class NormProp2d(Normalizer):
         if self._conv is None:
             raise RuntimeError("NormProp2d is not bound to its convolution; build models with "
                                "mbn.build.make_model (it calls mbn.norms.bind_convs)")
-        filter_norm = self._conv.weight.flatten(1).norm(dim=1).clamp_min(self.eps)
-        scale = (self.weight / (self.const * filter_norm)).to(x.dtype)
+        scale = (self.weight / (self.const * self.filter_norms())).to(x.dtype)
         return x * scale.view(1, -1, 1, 1) + self.bias.to(x.dtype).view(1, -1, 1, 1)
+
+    def filter_norms(self) -> torch.Tensor:
+        """‖W_i‖ of the bound convolution's filters, (C,)."""
+        return self._conv.weight.flatten(1).norm(dim=1).clamp_min(self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, const=1/{self.const}"
@@ -93,7 +96,7 @@ def init_filter_lengths(model: nn.Module, cfg) -> nn.Module:
         for m in model.modules():
             if isinstance(m, NormProp2d) and m._conv is not None:
                 w = m._conv.weight
-                w.mul_(length / w.flatten(1).norm(dim=1).clamp_min(m.eps).view(-1, *[1] * (w.dim() - 1)))
+                w.mul_((length / m.filter_norms()).view(-1, *[1] * (w.dim() - 1)))
     return model
 
 
