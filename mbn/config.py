@@ -96,6 +96,8 @@ class PerfConfig:
     compile: Optional[bool] = None
     compile_mode: str = "default"    # default | reduce-overhead | max-autotune
     cuda_graph: Optional[bool] = None  # the whole training step as one CUDA graph replay (auto: on CUDA)
+    compile_cache: Optional[str] = None  # a folder for torch.compile's caches, kept across processes and
+                                     # machines (warm starts); null: $MBN_COMPILE_CACHE, else torch's own
 
 
 @dataclass

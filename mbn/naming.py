@@ -9,7 +9,8 @@ import json
 from omegaconf import DictConfig, OmegaConf
 
 RUN_FREE = ("hydra", "logger", "resume", "device", "name", "data.root", "data.download",
-            "train.stop_after", "train.progress", "train.eval_batch_size", "train.time_limit")
+            "train.stop_after", "train.progress", "train.eval_batch_size", "train.time_limit",
+            "perf.compile_cache")
 
 
 def run_changing(key: str) -> bool:

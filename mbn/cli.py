@@ -1,0 +1,101 @@
+"""The one error boundary of every entry point (train.py, eval.py, scripts/*.py).
+
+A user's mistake or a fault of the environment ends in one line on stderr that names the key or
+the file and the fix, with one of the exit statuses below; a programming error keeps its
+traceback. Entry points call `run(main)` (or `guarded(main)` inside Hydra's task function, which
+must not `sys.exit` on its own errors) and raise `UserError`/`EnvironmentFault` with the message.
+This module imports nothing heavy: it is loaded before torch.
+
+Exit statuses (README, "Exit statuses"):"""
+import errno
+import os
+import sys
+
+from mbn import UserError
+
+EXIT_OK = 0
+EXIT_FAILED = 1        # the command ran, but part of its work failed (a sweep block, a GPU check)
+EXIT_USAGE = 2         # a mistake in the command or its inputs: key, value, missing or damaged file
+EXIT_DIVERGED = 3      # a training run diverged (a non-finite loss)
+EXIT_ENVIRONMENT = 4   # the machine: permissions, read-only or full disk, unreachable network
+EXIT_PREEMPTED = 75    # stopped early on purpose (SLURM's time limit); the same command continues
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); the same command continues from the last checkpoint
+
+EXIT_STATUSES = {EXIT_OK: "success", EXIT_FAILED: "some of the work failed (the lines above say which)",
+                 EXIT_USAGE: "a mistake in the command or its inputs (key, value, missing or damaged file)",
+                 EXIT_DIVERGED: "a training run diverged", EXIT_ENVIRONMENT:
+                 "the environment: permissions, read-only or full disk, unreachable network",
+                 EXIT_PREEMPTED: "stopped early on purpose (time limit); rerun the same command to continue",
+                 EXIT_INTERRUPTED: "interrupted (Ctrl-C); rerun the same command to continue"}
+__doc__ += "".join(f"\n- {code}: {what}" for code, what in EXIT_STATUSES.items()) + "\n"
+
+
+class EnvironmentFault(UserError):
+    """Not the user's input but the machine: a file they cannot read or write, a full or
+    read-only disk, a network that does not answer."""
+    exit_code = EXIT_ENVIRONMENT
+
+
+_FIXES = {
+    errno.EACCES: "permission denied; make it accessible to this user (ls -l, chmod) or choose another path",
+    errno.EPERM: "operation not permitted; make it accessible to this user or choose another path",
+    errno.EROFS: "the filesystem is read-only; choose a writable location",
+    errno.ENOSPC: "no space left on the device; free space, then rerun the same command",
+    errno.EDQUOT: "disk quota exceeded; free space, then rerun the same command",
+    errno.ENOENT: "no such file or directory; check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+    errno.EISDIR: "it is a folder where a file was expected; check the path",
+    errno.EEXIST: "it exists already; choose another path",
+}
+
+
+def describe_os_error(e: OSError, doing: str = "") -> str:
+    """One line for an OSError: what was being done, the file, and the fix for its errno."""
+    where = e.filename if e.filename is not None else ""
+    if getattr(e, "filename2", None):
+        where = f"{where} -> {e.filename2}"
+    fix = _FIXES.get(e.errno) or (e.strerror or str(e) or type(e).__name__).strip().splitlines()[0]
+    head = f"{doing} " if doing else ""
+    return f"{head}{where}: {fix}" if where else f"{head}{fix}".strip()
+
+
+def environment_fault(e: OSError, doing: str = "") -> UserError:
+    """The UserError for an OSError: a missing file is the user's input (exit 2), the rest the
+    machine's (exit 4)."""
+    cls = UserError if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR) else EnvironmentFault
+    return cls(describe_os_error(e, doing))
+
+
+def report(message: str, exit_code: int) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return exit_code
+
+
+def guarded(main, *args, on_interrupt: str = "", **kwargs):
+    """Call main(*args, **kwargs); a user mistake, an environment fault or Ctrl-C ends the process
+    with its one line and exit status (SystemExit). `on_interrupt`: what to tell after Ctrl-C
+    (e.g. the command that continues)."""
+    try:
+        return main(*args, **kwargs)
+    except UserError as e:
+        code = report(str(e), getattr(e, "exit_code", EXIT_USAGE))
+    except OSError as e:  # a file or the network failed where no code turned it into a UserError
+        err = environment_fault(e)
+        code = report(str(err), err.exit_code)
+    except KeyboardInterrupt:
+        print("\ninterrupted" + (f"; {on_interrupt}" if on_interrupt else ""), file=sys.stderr, flush=True)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
+
+
+def run(main, *args, **kwargs) -> None:
+    """The last line of a script: `run(main)`. main's return value is the exit status."""
+    status = guarded(main, *args, **kwargs)
+    sys.exit(status if isinstance(status, int) else EXIT_OK)
+
+
+def existing_dir(path: str, what: str = "--runs") -> str:
+    """An input folder that must exist (scripts never create folders for inputs)."""
+    if not os.path.isdir(path):
+        raise UserError(f"{what} {path}: no such folder" + ("" if not os.path.exists(path) else " (it is a file)"))
+    return path
