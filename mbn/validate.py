@@ -1,10 +1,20 @@
-"""Checks of a composed config's values, run once before a training run builds or writes
-anything. Hydra already rejects unknown keys and wrong types; these are the ranges and shapes
-that would otherwise end in a traceback, in NaN, or in a run that silently means something else.
-A key the config does not have (another normalizer's, another dataset's) is skipped."""
+"""Constraints live with the keys: every config field that has a valid range, a set of choices or
+a relation to another key declares it where it is defined (`key(...)` in a structured-config
+dataclass: mbn/config.py and each normalizer's config in mbn/norms/*.py), and `problems(cfg)`
+checks all of them in one walk over the composed config. The walk also refuses keys that no
+schema declares (Hydra lets `+key=value` add any), naming the closest valid one, and a value that
+comes from an interpolation names where it comes from. Nothing here imports torch: train.py and
+eval.py check a command and print --help before the heavy imports.
+"""
+import dataclasses
+import difflib
 import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mbn import UserError
 
@@ -15,101 +25,452 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def unit(v) -> bool:
-    return _number(v) and 0 <= v <= 1
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def positive(v) -> bool:
-    return _number(v) and v > 0
+# ------------------------------------------------------------------ a value's own constraint
+@dataclass(frozen=True)
+class Range:
+    """A finite number within bounds (`low_open`/`high_open`: the bound itself is excluded)."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False   # null is allowed too
+
+    def ok(self, v) -> bool:
+        if v is None:
+            return self.optional
+        if not (_integer(v) if self.integer else _number(v)):
+            return False
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return self.high is None or (v < self.high if self.high_open else v <= self.high)
+
+    def describe(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        null = "null or " if self.optional else ""
+        if self.low is not None and self.high is not None:
+            lo, hi = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{null}{kind} in {lo}{self.low:g}, {self.high:g}{hi}"
+        if self.low is not None:
+            return f"{null}{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{null}{kind} {'<' if self.high_open else '<='} {self.high:g}"
+        return f"{null}{kind}"
 
 
-def at_least(low):
-    return lambda v: _number(v) and v >= low
+@dataclass(frozen=True)
+class OneOf:
+    """One of a set of values; `choices` may be a function (names found at run time: models,
+    normalizers)."""
+    choices: Any
+    optional: bool = False
+
+    def options(self) -> list:
+        return list(self.choices() if callable(self.choices) else self.choices)
+
+    def ok(self, v) -> bool:
+        return (v is None and self.optional) or v in self.options()
+
+    def describe(self) -> str:
+        return ("null or " if self.optional else "") + "one of " + ", ".join(map(str, self.options()))
 
 
-def count(v) -> bool:
-    """An integer >= 1."""
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+@dataclass(frozen=True)
+class Pattern:
+    """A string matching `regex` (fully), described by `text`."""
+    regex: str
+    text: str
+
+    def ok(self, v) -> bool:
+        return isinstance(v, str) and re.fullmatch(self.regex, v) is not None
+
+    def describe(self) -> str:
+        return self.text
 
 
-def optional_count(v) -> bool:
-    return v is None or count(v)
+@dataclass(frozen=True)
+class Each:
+    """A list whose every value satisfies `rule`; `increasing`: in increasing order."""
+    rule: Any
+    increasing: bool = False
+    nonempty: bool = True
+
+    def ok(self, v) -> bool:
+        return (isinstance(v, list) and (len(v) > 0 or not self.nonempty) and all(self.rule.ok(x) for x in v)
+                and (not self.increasing or v == sorted(v)))
+
+    def describe(self) -> str:
+        order = ", in increasing order" if self.increasing else ""
+        empty = "" if self.nonempty else " (may be empty)"
+        return f"a list of {self.rule.describe().replace('a number', 'numbers').replace('an integer', 'integers')}" \
+               f"{order}{empty}"
 
 
-def each(test):
-    return lambda v: isinstance(v, list) and len(v) > 0 and all(test(x) for x in v)
+unit = Range(0, 1)
+positive = Range(0, low_open=True)
+nonnegative = Range(0)
+count = Range(1, integer=True)          # an integer >= 1
+whole = Range(0, integer=True)          # an integer >= 0
+fractions = Each(unit, increasing=True, nonempty=False)  # points in training (milestones)
 
 
-def fractions(v) -> bool:
-    """Points in training as fractions of it, in increasing order (milestones)."""
-    return isinstance(v, list) and all(unit(x) for x in v) and v == sorted(v)
+def optional(rule):
+    """The same rule, null allowed."""
+    return dataclasses.replace(rule, optional=True)
 
 
-UNIT, FRACTIONS = "must lie in [0, 1]", "must be fractions of training in [0, 1], in increasing order"
+# ------------------------------------------------------------------ relations to other keys
+# Each relation is called with the key's value and `get(dotted_key)` (the composed config's value,
+# _ABSENT where it has no such key) and returns what is wrong, or None. `others`: the keys it reads.
+@dataclass(frozen=True)
+class Matches:
+    """The value must equal `table[<other key's value>]` where the table has an entry."""
+    other: str
+    table: dict
 
-# key, what it is, the requirement, the test. Every value documented as a probability, a weight
-# or a fraction of training (all scheduled normalizer values among them) must lie in [0, 1].
-RULES = [
-    ("norm.lam", "MBN's λ (every value)", UNIT + "; the paper's are [0.1, 0.5, 0.9]", each(unit)),
-    ("norm.lam_milestones", "λ's milestones", FRACTIONS, fractions),
-    ("norm.eta", "MBN's η", UNIT + "; the paper's is 0.9", unit),
-    ("norm.memory_size", "MBN's k (batches memorized)", "must be an integer >= 1; the paper's is 10", count),
-    ("norm.momentum", "the normalizer's running-average rate", UNIT, unit),
-    ("norm.eps", "the normalizer's eps", "must be > 0", positive),
-    ("norm.r_max", "BRN's r_max", "must be >= 1", at_least(1)),
-    ("norm.d_max", "BRN's d_max", "must be >= 0", at_least(0)),
-    ("norm.relax_start", "BRN's relax_start", UNIT + " (a fraction of training)", unit),
-    ("norm.r_max_end", "BRN's r_max_end", UNIT + " (a fraction of training)", unit),
-    ("norm.d_max_end", "BRN's d_max_end", UNIT + " (a fraction of training)", unit),
-    ("norm.const", "NormProp's constant", "must be > 0", positive),
-    ("norm.filter_norm", "NormProp's initial filter length", "must be > 0; the default is 10", positive),
-    ("optim.lr", "the learning rate", "must be a number > 0; the paper's is 0.1", positive),
-    ("optim.momentum", "SGD's momentum", UNIT, unit),
-    ("optim.weight_decay", "the weight decay", "must be >= 0", at_least(0)),
-    ("schedule.milestones", "the lr milestones", FRACTIONS, fractions),
-    ("schedule.gamma", "the lr decay factor", "must be > 0", positive),
-    ("train.steps", "the step budget", "must be null (use train.epochs) or an integer >= 1", optional_count),
-    ("train.batch_size", "the batch size", "must be an integer >= 1", count),
-    ("train.eval_batch_size", "the evaluation batch size", "must be an integer >= 1", count),
-    ("train.stop_after", "the epochs of this invocation", "must be null or an integer >= 1", optional_count),
-    ("seed", "the seed", "must be an integer in [0, 2**31)", lambda v: isinstance(v, int) and 0 <= v < 2**31),
-    ("data.num_classes", "the number of classes", "must be an integer >= 1", count),
-    ("data.train_size", "the synthetic training set size", "must be an integer >= 1", count),
-    ("data.test_size", "the synthetic test set size", "must be an integer >= 1", count),
-    ("data.image_size", "the crop size", "must be an integer >= 1", count),
-    ("data.workers", "the loader workers", "must be an integer >= 0", lambda v: isinstance(v, int) and v >= 0),
-]
+    @property
+    def others(self):
+        return (self.other,)
+
+    def check(self, v, get):
+        o = get(self.other)
+        if o in self.table and v != self.table[o]:
+            return f"must be {self.table[o]} with {self.other}={o}"
+        return None
+
+    def describe(self) -> str:
+        return "; ".join(f"{v} with {self.other}={k}" for k, v in self.table.items())
 
 
-def _get(cfg, key):
-    value = OmegaConf.select(cfg, key, default=_ABSENT)
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+@dataclass(frozen=True)
+class Stages:
+    """Values per stage of training, switching at the milestones in `other`: one value (constant),
+    or one more value than milestones."""
+    other: str
+
+    @property
+    def others(self):
+        return (self.other,)
+
+    def check(self, v, get):
+        m = get(self.other)
+        if not isinstance(v, list) or not isinstance(m, list) or len(v) <= 1 or len(v) == len(m) + 1:
+            return None
+        need = f"{len(v) - 1} milestone" + ("s" if len(v) > 2 else "")
+        return (f"{len(v)} values need {need}, {self.other} has {len(m)} ({m}{origin_of(self.other)}); "
+                "give one value for a constant, or one more value than milestones")
+
+    def describe(self) -> str:
+        return f"one value, or one more than {self.other}"
+
+
+@dataclass(frozen=True)
+class NotBelow:
+    """The value must be >= the other key's."""
+    other: str
+
+    @property
+    def others(self):
+        return (self.other,)
+
+    def check(self, v, get):
+        o = get(self.other)
+        if _number(v) and _number(o) and v < o:
+            return f"must be >= {self.other}={o}"
+        return None
+
+    def describe(self) -> str:
+        return f">= {self.other}"
+
+
+@dataclass(frozen=True)
+class When:
+    """Where the value is `value`, the other key must satisfy `rule` (absent: `rule` None means it
+    must exist)."""
+    value: Any
+    other: str
+    rule: Any = None
+
+    @property
+    def others(self):
+        return (self.other,)
+
+    def check(self, v, get):
+        if v != self.value:
+            return None
+        o = get(self.other)
+        if o is _ABSENT and self.rule is None:
+            return f"needs a {self.other} key (a normalizer that has one)"
+        if self.rule is not None and (o is _ABSENT or not self.rule.ok(o)):
+            return f"needs {self.other} to be {self.rule.describe()} (it is {'unset' if o is _ABSENT else o})"
+        return None
+
+    def describe(self) -> str:
+        return f"{self.value} needs {self.other}" + (f" {self.rule.describe()}" if self.rule else "")
+
+
+# ------------------------------------------------------------------ the declaration
+@dataclass(frozen=True)
+class Key:
+    what: str                            # what the key is: "the learning rate"
+    rule: Any = None                     # the value's own constraint
+    relations: Tuple[Any, ...] = ()      # constraints that involve other keys
+    note: str = ""                       # after the requirement: "the paper's is 0.1"
+
+
+def key(default=dataclasses.MISSING, what: str = "", rule=None, *relations, note: str = ""):
+    """A structured-config field with its description and constraints, e.g.
+    `lr: float = key(0.1, "the learning rate", positive, note="the paper's is 0.1")`
+    (a list default is copied for every instance)."""
+    meta = {"key": Key(what, rule, tuple(relations), note)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def schema_keys(schema) -> dict:
+    """{field name: its Key or None} of a dataclass schema. A subclass that only changes a field's
+    default (`name: str = "mbn"`) keeps the declaration of the class it derives from."""
+    out = {}
+    for f in dataclasses.fields(schema):
+        decl = f.metadata.get("key")
+        for base in schema.__mro__[1:]:
+            if decl is not None:
+                break
+            inherited = getattr(base, "__dataclass_fields__", {}).get(f.name)
+            decl = inherited.metadata.get("key") if inherited is not None else None
+        out[f.name] = decl
+    return out
+
+
+def schema_fields(node) -> Optional[dict]:
+    """schema_keys of a structured-config node's schema, None if it has none."""
+    typ = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    return schema_keys(typ) if dataclasses.is_dataclass(typ) else None
+
+
+def declared_keys(schema, prefix: str = ""):
+    """(dotted key, Key or None, Field) of every field of a dataclass schema, nested schemas included."""
+    decls = schema_keys(schema)
+    for f in dataclasses.fields(schema):
+        typ = f.type if isinstance(f.type, type) else None
+        if dataclasses.is_dataclass(typ):
+            yield from declared_keys(typ, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", decls[f.name], f
+
+
+# ------------------------------------------------------------------ checking a composed config
+_CURRENT = {"cfg": None}
+
+
+def origin_of(dotted: str) -> str:
+    """', from schedule.milestones' where the key's value is the interpolation ${schedule.milestones}."""
+    cfg = _CURRENT["cfg"]
+    parent, _, name = dotted.rpartition(".")
+    try:
+        node = (OmegaConf.select(cfg, parent) if parent else cfg)._get_node(name)
+    except (AttributeError, KeyError, OmegaConfBaseException):
+        return ""
+    if node is not None and node._is_interpolation():
+        m = re.match(r"\$\{(?:oc\.select:)?([\w.]+)", str(node._value()))
+        return f", from {m.group(1)}" if m else f", from {node._value()}"
+    return ""
+
+
+def _value(cfg, dotted):
+    """The resolved plain value of a key, _ABSENT if the config has no such key."""
+    v = OmegaConf.select(cfg, dotted, default=_ABSENT, throw_on_resolution_failure=True)
+    return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+
+
+def closest(name: str, candidates) -> str:
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]}?" if match else ""
+
+
+def _shown(v) -> str:
+    """A value as it is written on the command line."""
+    return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _walk(cfg, node, prefix, found):
+    fields = schema_fields(node)
+    if fields is None:
+        return
+    for name in node.keys():
+        dotted = f"{prefix}{name}"
+        if prefix == "" and name == "hydra":
+            continue
+        if name not in fields:
+            raw = node._get_node(name)._value()
+            siblings = [f"{prefix}{f}" for f in fields]
+            found.append(f"{dotted}={_shown(raw)}: unknown key{closest(dotted, siblings)} "
+                         "(python train.py --help lists the keys)")
+            continue
+        child = node._get_node(name)
+        if isinstance(child, DictConfig):
+            _walk(cfg, child, dotted + ".", found)
+            continue
+        try:
+            value = _value(cfg, dotted)
+        except OmegaConfBaseException as e:  # a missing value, an interpolation that does not resolve
+            source = origin_of(dotted).replace(", from ", "")
+            fix = f"set {dotted}=<value>" + (f" or fix {source}" if source else "")
+            found.append(f"{dotted}={_shown(child._value())}: cannot be resolved ({first_line(e)}); {fix}")
+            continue
+        if fields[name] is not None:
+            found.extend(_check(cfg, dotted, value, fields[name]))
+    for name in fields:
+        if name not in node:
+            found.append(f"{prefix}{name} is missing (removed with ~{prefix}{name}?); every key needs a value")
+
+
+def _check(cfg, dotted, value, decl: Key):
+    """`<key>=<value>: <what> must ...; <note>` for the value's own rule, `<key>=<value> (<what>):
+    <what is wrong>; <note>` for each relation it breaks."""
+    shown = f"{dotted}={_shown(value)}{origin_of(dotted)}"
+    note = f"; {decl.note}" if decl.note else ""
+    if decl.rule is not None and not decl.rule.ok(value):
+        text = decl.rule.describe()
+        if text.startswith(("a number in", "an integer in")):
+            text = "lie " + text.split(" ", 2)[2]
+        else:
+            text = "be " + text
+        return [f"{shown}: {decl.what} must {text}{note}"]
+    out = []
+    for rel in decl.relations:
+        wrong = rel.check(value, lambda k: _safe_value(cfg, k))
+        if wrong:
+            out.append(f"{shown} ({decl.what}): {wrong}{note}")
+    return out
+
+
+def _safe_value(cfg, dotted):
+    try:
+        return _value(cfg, dotted)
+    except OmegaConfBaseException:
+        return _ABSENT
+
+
+def first_line(e: BaseException) -> str:
+    text = (getattr(e, "msg", None) or str(e)).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def problems(cfg) -> list:
-    """Every value of cfg that is out of range, one sentence each."""
+    """Everything wrong with a composed config, one sentence each, in the config's order: values
+    outside their declared constraints, broken relations, unknown keys."""
     found = []
-    for key, what, requirement, test in RULES:
-        value = _get(cfg, key)
-        if value is not _ABSENT and not test(value):
-            found.append(f"{key}={value}: {what} {requirement}")
-    steps, epochs = _get(cfg, "train.steps"), _get(cfg, "train.epochs")
-    if steps is None and epochs is not _ABSENT and not count(epochs):
-        found.append(f"train.epochs={epochs}: the number of epochs must be an integer >= 1 (or set train.steps)")
-    lam, lam_milestones = _get(cfg, "norm.lam"), _get(cfg, "norm.lam_milestones")
-    if (isinstance(lam, list) and isinstance(lam_milestones, list) and len(lam) > 1
-            and len(lam) != len(lam_milestones) + 1):
-        need = f"{len(lam) - 1} milestone" + ("s" if len(lam) > 2 else "")
-        found.append(f"norm.lam={lam}: {len(lam)} values of λ need {need}, "
-                     f"norm.lam_milestones has {len(lam_milestones)} ({lam_milestones}); give one λ for a "
-                     "constant, or one more λ than milestones")
-    if _get(cfg, "optim.nesterov") is True and not positive(_get(cfg, "optim.momentum")):
-        found.append("optim.nesterov=true needs optim.momentum > 0")
+    _CURRENT["cfg"] = cfg
+    try:
+        _walk(cfg, cfg, "", found)
+    finally:
+        _CURRENT["cfg"] = None
     return found
 
 
 def validate(cfg) -> None:
-    """Raise one UserError naming every out-of-range value, before anything is built or written."""
+    """Raise one UserError naming everything wrong, before anything is built or written."""
     found = problems(cfg)
     if found:
         raise UserError("; ".join(found))
+
+
+# ------------------------------------------------------------------ help from the declarations
+def describe_key(dotted: str, value, decl: Optional[Key]) -> str:
+    """`  optim.lr=0.1   the learning rate; a number > 0 (the paper's is 0.1)`"""
+    text = decl.what if decl else ""
+    if decl and decl.rule is not None:
+        text += f"; {decl.rule.describe()}"
+    for rel in decl.relations if decl else ():
+        text += f"; {rel.describe()}"
+    if decl and decl.note:
+        text += f" ({decl.note})"
+    left = f"  {dotted}={_shown(value)}"
+    return f"{left:<34} {text}".rstrip() if len(left) < 34 else f"{left}\n{'':<34} {text}".rstrip()
+
+
+def help_lines(cfg, prefix: str = "", node=None) -> list:
+    """One line per declared key of the composed config with its current value."""
+    node = cfg if node is None else node
+    fields = schema_fields(node) or {}
+    lines = []
+    for name in node.keys():
+        if (prefix == "" and name == "hydra") or name not in fields:
+            continue
+        dotted = f"{prefix}{name}"
+        child = node._get_node(name)
+        if isinstance(child, DictConfig):
+            lines.extend(help_lines(cfg, dotted + ".", child))
+            continue
+        try:
+            value = _value(cfg, dotted)
+        except OmegaConfBaseException:
+            value = child._value()
+        lines.append(describe_key(dotted, value, fields[name]))
+    return lines
+
+
+# ------------------------------------------------------------------ Hydra's own errors
+def hydra_error(e: BaseException) -> Optional[UserError]:
+    """One line for an error Hydra raises while reading the command (bad override syntax, an
+    unknown key or option, a value of the wrong type); None for anything else."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    if isinstance(e, MissingConfigException) and e.options is not None:
+        group = (e.missing_cfg_file or "").rpartition("/")[0] or "the config"
+        wanted = (e.missing_cfg_file or "").rpartition("/")[2]
+        choices = [o for o in e.options if "schema" not in o]
+        return UserError(f"{group}={wanted}: no such option{closest(wanted, choices)}; choose one of "
+                         f"{', '.join(choices)}")
+    if isinstance(e, (ConfigCompositionException, MissingConfigException)) or isinstance(cause, OmegaConfBaseException):
+        full_key = getattr(cause, "full_key", None)
+        typ = getattr(cause, "object_type", None)
+        text = first_line(cause)
+        if "not in" in text and full_key and dataclasses.is_dataclass(typ):  # an unknown key
+            prefix = full_key.rpartition(".")[0]
+            siblings = [f"{prefix}.{f.name}" if prefix else f.name for f in dataclasses.fields(typ)]
+            return UserError(f"{full_key}: unknown key{closest(full_key, siblings)} "
+                             "(python train.py --help lists the keys)")
+        where = f"{full_key}: " if full_key else ""
+        return UserError(f"{where}{text}".replace("\n", " "))
+    if isinstance(e, OverrideParseException):
+        return UserError(f"cannot read the override: {first_line(e)} (overrides are key=value; quote lists: "
+                         "'norm.lam=[0.1,0.5]')")
+    return None
+
+
+# ------------------------------------------------------------------ Hydra callback
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover
+    Callback = object
+
+
+class Preflight(Callback):
+    """Checks a single run's composed config before Hydra creates its run directory, and creates
+    that directory itself so that a location it cannot write is named with its key
+    (configs/train.yaml registers it in hydra.callbacks)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        import os
+
+        from mbn.cli import environment_fault
+
+        validate(config)
+        run_dir = str(OmegaConf.select(config, "hydra.run.dir"))
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise environment_fault(e, "cannot create the run directory (hydra.run.dir):") from None
+
+
+__all__ = ["Range", "OneOf", "Pattern", "Each", "Matches", "Stages", "NotBelow", "When", "Key", "key", "unit",
+           "positive", "nonnegative", "count", "whole", "fractions", "optional", "problems", "validate",
+           "help_lines", "declared_keys", "schema_keys", "hydra_error"]

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from mbn.norms.base import BatchStatNorm, check_batch, distributed
 from mbn.norms.registry import NormConfig, NormSpec, fields, register
+from mbn.validate import key, unit
 
 
 class BatchNorm2d(BatchStatNorm):
@@ -31,7 +32,8 @@ class BatchNorm2d(BatchStatNorm):
 
 @dataclass
 class BNConfig(NormConfig):
-    momentum: float = 0.1
+    """Batch Normalization (Ioffe & Szegedy 2015); single forward in the paper"""
+    momentum: float = key(0.1, "the running-average rate", unit)
 
 
 register("bn", NormSpec(BatchNorm2d, BNConfig, fields("eps", "momentum")))

@@ -12,6 +12,7 @@ import torch
 from mbn.norms.base import BatchStatNorm
 from mbn.norms.registry import NormConfig, NormSpec, fields, register
 from mbn.schedules import linear_ramp
+from mbn.validate import Range, key, nonnegative, unit
 
 
 def renorm_stats(mean, std, ref_mean, ref_std, r_max, d_max):
@@ -91,14 +92,15 @@ class BatchRenorm2d(BatchStatNorm):
 
 @dataclass
 class BRNConfig(NormConfig):
+    """Batch Renormalization (Ioffe 2017); double forward in the paper"""
     name: str = "brn"
     double_forward: bool = True
-    momentum: float = 0.01
-    r_max: float = 3.0
-    d_max: float = 5.0
-    relax_start: float = 0.064
-    r_max_end: float = 0.512
-    d_max_end: float = 0.32
+    momentum: float = key(0.01, "BRN's rate α of the moving averages", unit)
+    r_max: float = key(3.0, "BRN's r_max (reached at r_max_end)", Range(1))
+    d_max: float = key(5.0, "BRN's d_max (reached at d_max_end)", nonnegative)
+    relax_start: float = key(0.064, "BRN's relax_start: r_max = 1, d_max = 0 until this fraction of training", unit)
+    r_max_end: float = key(0.512, "BRN's r_max_end (a fraction of training)", unit)
+    d_max_end: float = key(0.32, "BRN's d_max_end (a fraction of training)", unit)
 
 
 register("brn", NormSpec(BatchRenorm2d, BRNConfig,

@@ -57,6 +57,7 @@ from torch.nn.grad import conv2d_weight
 from mbn import UserError
 from mbn.norms.base import BatchStatNorm, StatsMemory, channel_stats, check_batch
 from mbn.norms.registry import NormConfig, NormSpec, fields, register
+from mbn.validate import count, key, nonnegative, unit
 
 
 class CBNConv2d(nn.Conv2d):
@@ -248,13 +249,15 @@ class CrossIterationBatchNorm2d(BatchStatNorm):
 
 @dataclass
 class CBNConfig(NormConfig):
+    """Cross-Iteration Batch Normalization (Yao et al. 2021); single forward"""
     name: str = "cbn"
     double_forward: bool = False
-    window: int = 4           # k, including the current batch
-    burnin: float = 0.0       # fraction of training spent as plain BN (configs/norm/cbn.yaml: first lr decay)
-    rho: float = 1.0          # compensation scale; 0 = naive CBN
-    official: bool = False    # the official code's drop rule, ε outside sqrt, unbiased BN-path variance
-    momentum: float = 0.1     # running averages (PyTorch convention)
+    window: int = key(4, "CBN's window k, including the current batch", count, note="the paper's is 4")
+    burnin: float = key(0.0, "CBN's burn-in: the fraction of training spent as plain BN", unit,
+                        note="configs/norm/cbn.yaml: the first lr decay")
+    rho: float = key(1.0, "CBN's compensation scale (0: naive CBN)", nonnegative)
+    official: bool = key(False, "the official code's drop rule, ε outside sqrt, unbiased BN-path variance")
+    momentum: float = key(0.1, "the running-average rate (PyTorch convention)", unit)
 
 
 register("cbn", NormSpec(CrossIterationBatchNorm2d, CBNConfig,

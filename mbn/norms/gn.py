@@ -16,6 +16,7 @@ from torch import nn
 from mbn import UserError
 from mbn.norms.base import Normalizer
 from mbn.norms.registry import NormConfig, NormSpec, fields, register
+from mbn.validate import count, key
 
 
 def num_groups(channels: int, groups: int) -> int:
@@ -42,9 +43,11 @@ class GroupNorm2d(Normalizer):
 
 @dataclass
 class GNConfig(NormConfig):
+    """Group Normalization (Wu & He 2018); no batch statistics"""
     name: str = "gn"
     double_forward: bool = False   # nothing to record
-    groups: int = 32               # G; where it does not divide C: the largest divisor of C below it
+    groups: int = key(32, "GN's G; where it does not divide C: the largest divisor of C below it", count,
+                      note="the paper's is 32")
 
 
 register("gn", NormSpec(GroupNorm2d, GNConfig, fields("groups", "eps")))

@@ -15,7 +15,7 @@ Options whose defaults are the paper's (the ablation grid varies them):
   where λ = 0 throughout, since MBN is then BN) or "running" (BN-style running averages).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Sequence
 
 import torch
@@ -27,6 +27,7 @@ from mbn.norms.base import (BatchStatNorm, StatsMemory, channel_dims, channel_st
 from mbn.norms.brn import renorm_stats
 from mbn.norms.registry import NormConfig, NormSpec, register
 from mbn.schedules import piecewise
+from mbn.validate import Each, OneOf, Stages, count, fractions, key, unit
 
 
 class PooledBatchNorm(torch.autograd.Function):
@@ -186,16 +187,21 @@ class MemorizedBatchNorm2d(BatchStatNorm):
 
 @dataclass
 class MBNConfig(NormConfig):
+    """Memorized Batch Normalization (Guo et al. 2018, the paper); double forward"""
     name: str = "mbn"
     double_forward: bool = True
-    memory_size: int = 10
-    eta: float = 0.9
-    lam: List[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
-    lam_milestones: List[float] = field(default_factory=lambda: [0.4, 0.6])
-    momentum: float = 0.1           # for the BN-style running averages
-    eval_stats: str = "memory"      # memory (the paper's rule; running averages where λ = 0 throughout) | running
-    newest_weight: str = "lam"      # lam (eq. 8) | one (α_k = 1, the sentence before eq. 8)
-    grad: str = "current"           # current (the paper) | renorm (BN's gradient, memory as r, d)
+    memory_size: int = key(10, "MBN's k (batches memorized)", count, note="the paper's is 10")
+    eta: float = key(0.9, "MBN's η (decay of an older batch's weight)", unit, note="the paper's is 0.9")
+    lam: List[float] = key([0.1, 0.5, 0.9], "MBN's λ", Each(unit), Stages("norm.lam_milestones"),
+                           note="the paper's are [0.1, 0.5, 0.9]")
+    lam_milestones: List[float] = key([0.4, 0.6], "λ's milestones", fractions)
+    momentum: float = key(0.1, "the rate of the BN-style running averages", unit)
+    eval_stats: str = key("memory", "inference statistics: memory (the paper's rule; running averages where "
+                                    "λ = 0 throughout) | running", OneOf(["memory", "running"]))
+    newest_weight: str = key("lam", "the newest slot's weight: lam (eq. 8) | one (the sentence before eq. 8)",
+                             OneOf(["lam", "one"]))
+    grad: str = key("current", "gradient: current (the paper: through the current batch) | renorm (BN's, the "
+                               "memory as Batch-Renorm r, d)", OneOf(["current", "renorm"]))
 
 
 register("mbn", NormSpec(

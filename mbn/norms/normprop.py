@@ -37,6 +37,7 @@ from torch import nn
 from mbn import UserError
 from mbn.norms.base import Normalizer
 from mbn.norms.registry import NormConfig, NormSpec, fields, register
+from mbn.validate import key, positive
 
 RELU_MEAN = math.sqrt(1 / (2 * math.pi))         # E[max(0, z)], z ~ N(0, 1)
 RELU_STD = math.sqrt(0.5 * (1 - 1 / math.pi))    # std[max(0, z)]
@@ -102,10 +103,13 @@ def init_filter_lengths(model: nn.Module, cfg) -> nn.Module:
 
 @dataclass
 class NormPropConfig(NormConfig):
+    """Normalization Propagation (Arpit et al. 2016); plain networks only (nin, vgg16)"""
     name: str = "normprop"
-    const: float = 1.21   # outputs are divided by it (Arpit et al. 2016: γ starts at 1/1.21)
+    const: float = key(1.21, "NormProp's constant: outputs are divided by it", positive,
+                       note="Arpit et al. 2016: γ starts at 1/1.21")
     eps: float = 1e-8
-    filter_norm: float = 10.0  # initial ‖W_i‖ of every filter feeding NormProp: its direction's step size
+    filter_norm: float = key(10.0, "NormProp's initial filter length ‖W_i‖ (its direction's step size)", positive,
+                             note="the default is 10")
 
 
 register("normprop", NormSpec(NormProp2d, NormPropConfig, fields("const", "eps"), act_layer=NormPropReLU,

@@ -24,6 +24,7 @@ from mbn import UserError
 from mbn.norms.base import Normalizer
 from mbn.norms.bn import BatchNorm2d
 from mbn.norms.registry import NormConfig, NormSpec, register
+from mbn.validate import OneOf, key, nonnegative, positive, unit
 
 
 class RevisitedBatchNorm2d(BatchNorm2d):
@@ -84,15 +85,17 @@ def param_groups(model: nn.Module, c) -> list:
 
 @dataclass
 class RBNConfig(NormConfig):
+    """Revisiting Batch Normalization (Davis & Frank 2021): BN with γ₀ = 0.1 at lr/100, an input BN"""
     name: str = "rbn"
     double_forward: bool = False   # the paper has none
-    momentum: float = 0.1
-    gamma_init: float = 0.1        # initial γ of every BN (the paper; > 0)
-    gamma_lr_div: float = 100.0    # c: γ's lr = lr / c (the paper; the official code ignores c <= 1, we apply it)
-    norm_weight_decay: float = 0.0  # weight decay of every γ, β and bias (the paper: none)
-    sigma_act: float = 0.58        # input BN's γ = gamma_init·sigma_act
-    # the default of data.input_norm (which decides): bn (the paper: [0, 1] images, an input BN) | dataset
-    input_norm: str = "bn"
+    momentum: float = key(0.1, "the running-average rate", unit)
+    gamma_init: float = key(0.1, "Revisiting-BN's initial γ of every BN", positive, note="the paper's is 0.1")
+    # the official code ignores c <= 1, we apply it
+    gamma_lr_div: float = key(100.0, "Revisiting-BN's c: γ's lr = lr / c", positive, note="the paper's is 100")
+    norm_weight_decay: float = key(0.0, "weight decay of every γ, β and bias", nonnegative, note="the paper: none")
+    sigma_act: float = key(0.58, "the input BN's γ = gamma_init·sigma_act", positive)
+    input_norm: str = key("bn", "the default of data.input_norm (which decides): bn (the paper: [0, 1] images, "
+                                "an input BN) | dataset", OneOf(["bn", "dataset"]))
 
 
 def _kwargs(c):

@@ -8,13 +8,7 @@ from typing import Callable, Dict, List, Optional
 from torch import nn
 
 from mbn import UserError
-
-
-@dataclass
-class NormConfig:
-    name: str = "bn"
-    double_forward: bool = False  # the method's default training scheme (train.double_forward)
-    eps: float = 1e-5
+from mbn.config import NormConfig  # noqa: F401  (declared torch-free, with the other schemas)
 
 
 @dataclass(frozen=True)
