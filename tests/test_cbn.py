@@ -270,6 +270,32 @@ def test_official_conventions_on_the_batch_norm_path():
     torch.testing.assert_close(norm(x), expected, rtol=1e-12, atol=1e-12)
 
 
+def test_official_running_averages_track_the_unbiased_batch_variance_through_burn_in():
+    """§1.7: every training forward, burn-in or not, sets R_μ ← 0.9·R_μ + 0.1·μ_t and
+    R_var ← 0.9·R_var + 0.1·(unbiased var of the current batch), uncompensated. Computed here from
+    the conv output written out; during burn-in the output is (x − μ)/(sqrt(unbiased var) + ε).
+    (Burn-in once applied n/(n − 1) twice: R_var drifted by 75/74 per step at n = 75.)"""
+    model = net(window=3, burnin=0.5, official=True, eps=0.1)
+    conv, norm = model
+    r_mean, r_var, shape = torch.zeros(C), torch.ones(C), (1, -1, 1, 1)
+    for step, progress in enumerate((0.0, 0.2, 0.4, 0.5, 0.7, 0.9)):
+        norm.set_progress(progress)
+        u = data(seed=step, shift=0.5 * step)
+        x = F.conv2d(u, conv.weight, padding=1)
+        mean = x.sum((0, 2, 3)) / (x.numel() / C)
+        unbiased = ((x - mean.view(shape)) ** 2).sum((0, 2, 3)) / (x.numel() / C - 1)
+        y = model(u)
+        if progress < 0.5:
+            w, b = norm.weight.view(shape), norm.bias.view(shape)
+            expected = (x - mean.view(shape)) / (unbiased.sqrt().view(shape) + 0.1) * w + b
+            torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+        r_mean, r_var = 0.9 * r_mean + 0.1 * mean, 0.9 * r_var + 0.1 * unbiased
+        torch.testing.assert_close(norm.running_mean, r_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(norm.running_var, r_var, rtol=1e-12, atol=1e-12)
+        perturb(conv, step, scale=0.2)
+    assert norm.memory.filled == 2  # the window ran after burn-in
+
+
 def test_bad_values_and_missing_conv():
     for kw in (dict(window=0), dict(window=2.5), dict(burnin=1.5), dict(rho=-1.0)):
         with pytest.raises(UserError):

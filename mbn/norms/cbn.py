@@ -225,9 +225,10 @@ class CrossIterationBatchNorm2d(BatchStatNorm):
         if u is None:
             raise RuntimeError(f"CrossIterationBatchNorm2d({self.num_features}) ran without its convolution "
                                "running first in training mode; it must directly follow the conv bound to it")
-        if self.official:
-            var = torch.where(self.on, var, bn_var)
-        y = self.normalize(x, *self.window_stats(mean, var))
+        # official burn-in normalizes with the unbiased variance; the entry and the running average
+        # take the biased one (update_running_stats applies n/(n − 1) itself)
+        norm_var = torch.where(self.on, var, bn_var) if self.official else var
+        y = self.normalize(x, *self.window_stats(mean, norm_var))
         if self.record:
             self.push(u, x, mean, var, n)
         return y
