@@ -23,10 +23,21 @@ that off (it divides by the measured std); NormProp cannot: dividing by ‖W_i�
 variance only for a white input, and after a pooling layer the im2col patches' second-moment
 matrix has its top eigenvalue ~1000x the mean one, so a 0.26 rad turn toward it multiplied the
 next pre-activation std by 13 (0.69 → 9.3); through the depth the logits reached ~1e3 and the
-run was NaN at step 3. `init_filter_lengths` (the NormProp spec's build step) therefore gives
-every filter that feeds a NormProp2d the length `filter_norm` (its direction is the model's
-init): the same function, a step size that NormProp survives. Weight decay then moves the
-lengths toward the equilibrium that lr, momentum and decay set, as for BN.
+run was NaN at step 3.
+
+Two recipes set the length (`norm.recipe`; `init_filter_lengths` is the NormProp spec's build step):
+- `filter_norm` (ours, the default): every filter that feeds a NormProp2d starts at the length
+  `norm.filter_norm` = 10 with the model's init direction, then is left to SGD (weight decay moves
+  the lengths toward the equilibrium that lr, momentum and decay set, as for BN). The same
+  function with a direction step 100x smaller than at length 1, in effect a smaller lr for the
+  filter directions: a deviation from "every method at lr 0.1", chosen because NormProp survives it.
+- `arpit2016` (the NormProp paper's): filters of unit length, scaled back to unit length after
+  every training iteration (the ICML 2016 rebuttal: "after every iteration", not epoch), so every
+  step turns a filter by lr·|∇| (projected SGD on the sphere). Done here at the start of each
+  training-mode forward, before any convolution runs: the gradient, the weight decay and
+  momentum of the next step then see the unit filters, as after the update, and nothing is
+  written in eval mode. At lr 0.1 it diverged on NIN and VGG-16 (tests/test_normprop.py), so it
+  is an option, not the default.
 """
 import math
 from dataclasses import dataclass
@@ -37,7 +48,7 @@ from torch import nn
 from mbn import UserError
 from mbn.norms.base import Normalizer
 from mbn.norms.registry import NormConfig, NormSpec, fields, register
-from mbn.validate import key, positive
+from mbn.validate import OneOf, key, positive
 
 RELU_MEAN = math.sqrt(1 / (2 * math.pi))         # E[max(0, z)], z ~ N(0, 1)
 RELU_STD = math.sqrt(0.5 * (1 - 1 / math.pi))    # std[max(0, z)]
@@ -83,22 +94,44 @@ class NormProp2d(Normalizer):
         return f"{self.num_features}, const=1/{self.const}"
 
 
+RECIPES = ("filter_norm", "arpit2016")
+
+
 def init_filter_lengths(model: nn.Module, cfg) -> nn.Module:
-    """Give every filter of a convolution bound to a NormProp2d the length `norm.filter_norm`,
-    keeping its direction (the function the model computes is unchanged); see the module
-    docstring. Run once, by mbn.build.make_model, before any checkpoint is loaded."""
+    """Apply `norm.recipe` (module docstring): give every filter of a convolution bound to a
+    NormProp2d its initial length, keeping its direction (the function the model computes is
+    unchanged), and for `arpit2016` rescale the filters to unit length before every training
+    forward. Run once, by mbn.build.make_model, before any checkpoint is loaded."""
+    recipe = cfg.norm.get("recipe", "filter_norm")  # a run from before this key used filter_norm
+    if recipe not in RECIPES:
+        raise UserError(f"norm.recipe must be one of {', '.join(RECIPES)} (got {recipe!r}); "
+                        "filter_norm is the default")
+    layers = [m for m in model.modules() if isinstance(m, NormProp2d) and m._conv is not None]
+    if recipe == "arpit2016":
+        set_filter_lengths(layers, 1.0)
+
+        def unit_filters(module, args):  # before any convolution of a training forward runs
+            if module.training:
+                set_filter_lengths(layers, 1.0)
+
+        model.register_forward_pre_hook(unit_filters)
+        return model
     length = cfg.norm.get("filter_norm")
     if length is None:  # a checkpoint from before this key: its weights are loaded over the model anyway
         return model
     if not length > 0:
         raise UserError(f"norm.filter_norm must be > 0 (got {length}); it is the initial length of every "
                         "filter feeding NormProp, the step size of its direction (default 10)")
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, NormProp2d) and m._conv is not None:
-                w = m._conv.weight
-                w.mul_((length / m.filter_norms()).view(-1, *[1] * (w.dim() - 1)))
+    set_filter_lengths(layers, length)
     return model
+
+
+@torch.no_grad()
+def set_filter_lengths(layers, length: float) -> None:
+    """Scale every filter of the convolutions bound to `layers` to the length `length`."""
+    for m in layers:
+        w = m._conv.weight
+        w.mul_((length / m.filter_norms()).view(-1, *[1] * (w.dim() - 1)))
 
 
 @dataclass
@@ -108,8 +141,11 @@ class NormPropConfig(NormConfig):
     const: float = key(1.21, "NormProp's constant: outputs are divided by it", positive,
                        note="Arpit et al. 2016: γ starts at 1/1.21")
     eps: float = 1e-8
-    filter_norm: float = key(10.0, "NormProp's initial filter length ‖W_i‖ (its direction's step size)", positive,
-                             note="the default is 10")
+    filter_norm: float = key(10.0, "NormProp's initial filter length ‖W_i‖ (its direction's step size), "
+                             "recipe=filter_norm only", positive, note="the default is 10")
+    recipe: str = key("filter_norm", "how NormProp's filter lengths are set: filter_norm (start at "
+                      "norm.filter_norm, then free) | arpit2016 (unit length after every iteration, the paper's)",
+                      OneOf(list(RECIPES)), note="arpit2016 diverged at lr 0.1 on NIN and VGG-16")
 
 
 register("normprop", NormSpec(NormProp2d, NormPropConfig, fields("const", "eps"), act_layer=NormPropReLU,
