@@ -7,6 +7,7 @@ must not `sys.exit` on its own errors) and raise `UserError`/`EnvironmentFault` 
 This module imports nothing heavy: it is loaded before torch.
 
 Exit statuses (README, "Exit statuses"):"""
+import argparse
 import errno
 import os
 import sys
@@ -99,3 +100,14 @@ def existing_dir(path: str, what: str = "--runs") -> str:
     if not os.path.isdir(path):
         raise UserError(f"{what} {path}: no such folder" + ("" if not os.path.exists(path) else " (it is a file)"))
     return path
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (UserError, exit 2) instead of the usage and a
+    message; --help is unchanged."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")

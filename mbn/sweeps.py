@@ -15,11 +15,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 MODELS = ["nin", "resnet20", "resnet56", "vgg16"]
 NORMS = ["normprop", "bn", "brn", "mbn"]
 BS128_STEPS_PER_EPOCH = 50_000 // 128  # CIFAR, last partial batch dropped: 390
+PAPER_EPOCHS = 200  # "All the experiments are performed with 200 training epochs"; Table 4: 200 × 390 steps
 LABEL = "_label"  # a block entry that names the row, not a config key
 
 # the small-batch study (issue 11): every normalizer of the seed papers, batch sizes down to 2
 SMALL_BATCH_NORMS = ["bn", "brn", "mbn", "cbn", "mabn", "rbn", "gn"]
-SMALL_BATCHES = [2, 4, 8, 16, 32, 128]
+SMALL_BATCHES = [2, 4, 8, 16, 32, 64, 128]
+PAPER_SMALLEST_BATCH = 8  # Table 4's batch sizes: 8 .. 128
 LR_AT_128 = 0.1
 
 
@@ -42,11 +44,23 @@ class Grid:
     claims: str = "paper"     # "paper": the sign of the paper's own difference; "same": it claims none
     derived: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # row -> (source row, metric)
     paper_table: bool = True  # the paper has numbers for this grid (results/paper.json)
+    train_err: bool = False   # show the final train error beside the test error (underfitting shows there)
+    row_notes: Dict[object, str] = field(default_factory=dict)  # row -> a note shown with its label
+    epochs: int = PAPER_EPOCHS  # the schedule the grid was built for (grids())
+    steps_per_epoch: int = BS128_STEPS_PER_EPOCH
 
     def __post_init__(self):
         self.sweep = self.sweep or self.name
         if self.row == LABEL and not self.rows:
             self.rows = [lab for b in self.blocks for _, lab in expand_labeled(b)] + list(self.derived)
+
+    def metric_of(self, row, col) -> str:
+        """The metric a cell reports: a derived row's or column's, else the grid's."""
+        return (self.derived.get(row) or self.derived.get(col) or (None, self.metric))[1]
+
+    def on_paper_schedule(self) -> bool:
+        """The paper's 200 epochs (Table 4: their step budget at batch 128 on CIFAR's 50,000 images)."""
+        return self.epochs == PAPER_EPOCHS and self.steps_per_epoch == BS128_STEPS_PER_EPOCH
 
 
 def _cifar_table(name, data):
@@ -54,7 +68,7 @@ def _cifar_table(name, data):
                 [{"data": [data], "model": MODELS, "norm": ["bn", "brn", "mbn"]},
                  {"data": [data], "model": ["nin", "vgg16"], "norm": ["normprop"]}],
                 row="norm.name", col="model.name", rows=NORMS, cols=MODELS, row_label="method", col_label="model",
-                ref_row="bn")
+                ref_row="bn", train_err=True)
 
 
 def _imagenet_table(name, metric, what):
@@ -76,17 +90,29 @@ def lam_shift(epochs: int, delay_epochs: float = 5) -> List[float]:
 MBN_PAPER = "MBN-2, the paper's defaults (k = 10, η = 0.9, λ = {0.1, 0.5, 0.9}, newest slot λ, memory inference)"
 
 
+# λ falls as the lr falls: the paper's three values for the same fractions of training, in reverse
+# order. MBN-2 led while the lr was 0.1 (λ = 0.1) and fell behind when λ rose with each lr drop; if a
+# high λ at a small lr causes that, this schedule ends with a lower train error than MBN-2's.
+LAM_FALLING = [0.9, 0.5, 0.1]
+
+
 def _ablation(epochs: int) -> Grid:
     """ResNet-20 / CIFAR-10: each MBN option that could explain a gap to the paper, one at a time,
-    every variant paired with BN-1 on the same seeds (issue 10 §2)."""
+    every variant paired with BN-1 on the same seeds (issues 10 §2, 17 §5)."""
     base = {"model": ["resnet20"], "norm": ["mbn"]}
     shift = lam_shift(epochs)
     delay = round((shift[0] - 0.4) * epochs, 2)
     blocks = [
         {"model": ["resnet20"], "norm": ["bn"], LABEL: "BN-1 (reference)"},
+        {"model": ["resnet20"], "norm": ["bn"], "train.double_forward": [True],
+         LABEL: "BN-2 (double forward: running averages from the second forward)"},
         {**base, LABEL: MBN_PAPER},
+        # λ = 0 through MBN's own code, single forward like BN-1: a control that must equal BN-1
+        {**base, "norm.lam": [[0.0]], "train.double_forward": [False],
+         LABEL: "MBN λ = 0, single forward (control: must equal BN-1)"},
         {**base, "norm.newest_weight": ["one"], LABEL: "newest slot weight 1 (α_k = 1, the sentence before eq. 8)"},
-        {**base, "norm.lam": [[0.5], [0.1]], LABEL: "λ = {norm.lam} throughout"},
+        {**base, "norm.lam": [[0.5], [0.1], [0.9]], LABEL: "λ = {norm.lam} throughout"},
+        {**base, "norm.lam": [LAM_FALLING], LABEL: "λ = {norm.lam}: λ falls as the lr falls"},
         {**base, "norm.lam_milestones": [shift],
          LABEL: f"λ steps {delay:g} epochs after each lr drop (at {{norm.lam_milestones}} of training)"},
         {**base, "norm.memory_size": [2, 5, 10, 20], LABEL: "memory size k = {norm.memory_size}"},
@@ -101,22 +127,30 @@ def _ablation(epochs: int) -> Grid:
                "BN-1 inference: precise (PreciseBN, final weights)": ("BN-1 (reference)", "test_err_precise")}
     return Grid("mbn_ablation", "ResNet-20 CIFAR-10 test error (%): MBN ablation, every variant paired with BN-1",
                 blocks, row=LABEL, col="model.name", cols=["resnet20"], row_label="variant", col_label="model",
-                ref_row="BN-1 (reference)", ref_text="BN-1 on the same seeds", derived=derived, paper_table=False)
+                ref_row="BN-1 (reference)", ref_text="BN-1 on the same seeds", derived=derived, paper_table=False,
+                train_err=True)
+
+
+BN_PRECISE = "bn (PreciseBN)"  # BN's runs, inferred with statistics recomputed with the final weights
 
 
 def _small_batch(protocol: str, epochs: int, steps_per_epoch: int) -> Grid:
+    notes = {}
     if protocol == "steps":
         blocks = [{"model": ["resnet20"], "norm": SMALL_BATCH_NORMS, "train.batch_size": SMALL_BATCHES,
                    "train.steps": [epochs * steps_per_epoch]}]
         how = "every batch size given the batch-128 run's SGD steps, lr 0.1 (the paper's Table 4 rule)"
+        notes = {bs: f"below {PAPER_SMALLEST_BATCH}: outside the paper's rule, no verdict"
+                 for bs in SMALL_BATCHES if bs < PAPER_SMALLEST_BATCH}
     else:
         blocks = [{"model": ["resnet20"], "norm": SMALL_BATCH_NORMS, "train.batch_size": [bs],
                    "optim.lr": [small_batch_lr(bs)]} for bs in SMALL_BATCHES]
         how = "every batch size given the same epochs, lr 0.1 · batch / 128"
     return Grid(f"small_batch_{protocol}", f"ResNet-20 CIFAR-10 test error (%) by batch size and normalizer: {how}",
-                blocks, row="train.batch_size", col="norm.name", rows=SMALL_BATCHES, cols=SMALL_BATCH_NORMS,
-                row_label="batch size", col_label="method", ref_col="bn",
-                ref_text="BN at the same batch size", paper_table=False)
+                blocks, row="train.batch_size", col="norm.name", rows=SMALL_BATCHES,
+                cols=SMALL_BATCH_NORMS + [BN_PRECISE], row_label="batch size", col_label="method", ref_col="bn",
+                ref_text="BN (running averages) at the same batch size", paper_table=False,
+                derived={BN_PRECISE: ("bn", "test_err_precise")}, row_notes=notes)
 
 
 def small_batch_lr(batch_size: int) -> float:
@@ -127,7 +161,7 @@ def grids(epochs: int, steps_per_epoch: int = BS128_STEPS_PER_EPOCH) -> Dict[str
     """All experiments at a schedule of `epochs` (the paper: 200). Table 4 gives every batch size
     the SGD step budget of the batch-128 run."""
     steps = epochs * steps_per_epoch
-    return {g.name: g for g in [
+    made = [
         _cifar_table("table1", "cifar10"),
         _cifar_table("table2", "cifar100"),
         Grid("table4", "ResNet-56 CIFAR-10 test error (%) by batch size, same number of SGD steps (paper Table 4)",
@@ -162,7 +196,10 @@ def grids(epochs: int, steps_per_epoch: int = BS128_STEPS_PER_EPOCH) -> Dict[str
         _ablation(epochs),
         _small_batch("steps", epochs, steps_per_epoch),
         _small_batch("epochs", epochs, steps_per_epoch),
-    ]}
+    ]
+    for g in made:
+        g.epochs, g.steps_per_epoch = epochs, steps_per_epoch
+    return {g.name: g for g in made}
 
 
 def format_value(v) -> str:

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from mbn.double_forward import recording
+from mbn.norms import recording
 from mbn.step import train_step
 from mbn.norms import BatchNorm2d, MemorizedBatchNorm2d
 

@@ -15,8 +15,8 @@ from omegaconf import OmegaConf
 from mbn import UserError
 from mbn.naming import run_id
 from mbn.results import (_INDEXES, check_replace, compose_cached, infer_sweeps, load_grid, merge_overrides,
-                         paired_difference, recorded_runs, schedule_name, t_quantile, t_two_sided_mass, table_rows,
-                         verdict)
+                         paired_difference, recorded_runs, schedule_name, t_critical, table_rows)
+from mbn import sweeps
 from mbn.sweeps import SMALL_BATCH_NORMS, SMALL_BATCHES, expand, expand_labeled, grids, lam_shift, small_batch_lr
 from tests.conftest import REPO, run_cli
 
@@ -39,31 +39,8 @@ def script(name, module=False):
     (1, 12.706204736), (2, 4.302652730), (3, 3.182446305), (4, 2.776445105), (5, 2.570581836),
     (9, 2.262157163), (10, 2.228138852), (20, 2.085963447), (29, 2.045229642), (30, 2.042272456),
     (60, 2.000297822), (120, 1.979930405)])
-def test_t_quantile_matches_the_tables(df, expected):
-    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-8)
-
-
-def test_t_quantile_closed_forms_and_limit():
-    # df = 1 is Cauchy: tan(π(q − 1/2)); df = 2: (2q − 1) / sqrt(2q(1 − q))
-    for q in (0.6, 0.9, 0.975, 0.995):
-        assert t_quantile(q, 1) == pytest.approx(math.tan(math.pi * (q - 0.5)), rel=1e-12)
-        assert t_quantile(q, 2) == pytest.approx((2 * q - 1) / math.sqrt(2 * q * (1 - q)), rel=1e-12)
-    assert t_quantile(0.975, 2000) == pytest.approx(1.959963985, abs=2e-3)  # → the normal's 1.96
-    assert t_quantile(0.975, 2000) > 1.959963985
-
-
-@pytest.mark.parametrize("df", [3, 4, 7])
-def test_t_mass_is_the_integral_of_the_density(df):
-    """P(|T| <= t) against Simpson's rule on the t density (float64)."""
-    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
-
-    def pdf(x):
-        return c * (1 + x * x / df) ** (-(df + 1) / 2)
-
-    t, n = 1.7, 2000
-    h = t / n
-    simpson = pdf(0) + pdf(t) + sum((4 if i % 2 else 2) * pdf(i * h) for i in range(1, n))
-    assert t_two_sided_mass(t, df) == pytest.approx(2 * simpson * h / 3, abs=1e-12)
+def test_t_critical_matches_the_tables(df, expected):
+    assert t_critical(df) == pytest.approx(expected, abs=1e-8)
 
 
 def test_paired_difference_over_shared_seeds():
@@ -73,27 +50,18 @@ def test_paired_difference_over_shared_seeds():
     assert d["n"] == 3 and d["seeds"] == [0, 1, 2] and d["mean"] == pytest.approx(-2.0)
     half = 4.302652730 * 1.0 / math.sqrt(3)  # differences −1, −2, −3: sample std 1
     assert d["lo"] == pytest.approx(-2.0 - half, abs=1e-8) and d["hi"] == pytest.approx(-2.0 + half, abs=1e-8)
+    assert d["half"] == pytest.approx(half, abs=1e-8) and not d["zero_width"]
     one = paired_difference({0: 5.0}, {0: 4.0, 1: 3.0})
-    assert one == {"n": 1, "mean": 1.0, "lo": None, "hi": None, "seeds": [0]}
+    assert (one["n"], one["mean"], one["lo"], one["hi"], one["p"], one["seeds"]) == (1, 1.0, None, None, None, [0])
     assert paired_difference({1: 5.0}, {0: 4.0}) is None
 
 
-def test_verdicts():
-    def iv(lo, hi):
-        return {"n": 3, "mean": (lo + hi) / 2, "lo": lo, "hi": hi}
-
-    assert verdict("<", iv(-2, -1)) == "holds" and verdict("<", iv(1, 2)) == "fails"
-    assert verdict(">", iv(1, 2)) == "holds" and verdict(">", iv(-2, -1)) == "fails"
-    assert verdict("<", iv(-1, 1)) == verdict(">", iv(-1, 0)) == "within noise"
-    assert verdict("=", iv(-1, 1)) == "within noise" and verdict("=", iv(0.1, 1)) == "fails"
-    assert verdict("<", {"n": 1, "mean": -1.0, "lo": None, "hi": None}) == "n = 1"
-    assert verdict(None, iv(-2, -1)) == "no claim" and verdict("<", None) == "missing"
-
-
 # ------------------------------------------------------------------------------ hand-made runs
-def fake_run(root, overrides, metrics, name=None, drop=(), started="2026-01-01T00:00:00+0000"):
-    """A finished run directory as the trainer leaves it. `drop`: dotted config keys left out of
-    the record, as by code older than those keys; `name`: a directory name other than the run id."""
+def fake_run(root, overrides, metrics, name=None, drop=(), started="2026-01-01T00:00:00+0000", record=None,
+             status="finished"):
+    """A run directory as the trainer leaves it. `drop`: dotted config keys left out of the record,
+    as by code older than those keys; `name`: a directory name other than the run id; `record`:
+    run-record entries to set (device, perf); `status`: the metrics.json status (e.g. diverged)."""
     seeds = [int(o[5:]) for o in overrides if o.startswith("seed=")]
     config = OmegaConf.to_container(compose_cached([o for o in overrides if not o.startswith("seed=")]),
                                     resolve=True)
@@ -106,12 +74,13 @@ def fake_run(root, overrides, metrics, name=None, drop=(), started="2026-01-01T0
         del node[last]
     d = root / (name or run_id(config))
     d.mkdir(parents=True)
-    history = [{"epoch": e, "test_err": metrics["test_err"] + 5 * (2 - e), "train_err": 40.0 - e} for e in (1, 2)]
+    err = metrics.get("test_err", 50.0)
+    history = [{"epoch": e, "test_err": err + 5 * (2 - e), "train_err": 40.0 - e} for e in (1, 2)]
     (d / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    (d / "metrics.json").write_text(json.dumps({**metrics, "finished": True}))
+    (d / "metrics.json").write_text(json.dumps({**metrics, "finished": status == "finished", "status": status}))
     (d / "run_record.json").write_text(json.dumps({
         "config": config, "overrides": list(overrides), "git": {"commit": "0123456789abcdef", "dirty": False},
-        "device": "cpu (test)", "versions": {"torch": "test"}, "started": started}))
+        "device": "cpu (test)", "versions": {"torch": "test"}, "started": started, **(record or {})}))
     return d
 
 
@@ -145,32 +114,35 @@ TABLE1 = {("bn", "resnet20"): [10.0, 10.2, 9.9], ("mbn", "resnet20"): [9.0, 9.3,
           ("normprop", "nin"): [8.3, 8.1, 8.2]}
 
 
-def test_table1_paired_differences_and_verdicts(tmp_path):
+def test_shortened_table1_has_paired_differences_and_no_verdicts(tmp_path):
+    """A 2-epoch Table 1: ours, n, the train error and the paired Δ with its interval; no paper
+    columns, and the header says why."""
     root = tmp_path / "e2"
     grid = grids(2)["table1"]
     write_sweep(root, "table1", 2, [0, 1, 2])
     for (norm, model), errs in TABLE1.items():
         for seed, err in enumerate(errs):
-            fake_run(root, cell_overrides(grid, [f"norm={norm}", f"model={model}"], seed, 2), {"test_err": err})
+            fake_run(root, cell_overrides(grid, [f"norm={norm}", f"model={model}"], seed, 2),
+                     {"test_err": err, "train_err": err - 3})
     out = tmp_path / "out"
     assert script("make_tables")(["--runs", str(root), "--out", str(out), "--tables", "table1"]) == 0
     md = (out / "table1.md").read_text()
     rows = md_rows(out / "table1.md")
     assert "Δ vs reference (95% CI)" in md and "BN-1 in the same column" in md and "Student-t" in md
-    assert "does not say whether they are final- or best-epoch values" in md
+    assert "**No paper Δ and no verdicts**: these runs have a schedule of 2 epochs" in md
+    head = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert "paper" not in head and "verdict" not in head and "MDE" not in head
     # MBN − BN per seed: −1.0, −0.9, −0.8 -> mean −0.9, half width t(0.975, 2) · 0.1 / √3
     half = 4.302652730 * 0.1 / math.sqrt(3)
     mbn = rows[("mbn", "resnet20")]
-    assert mbn[2] == "9.13 ± 0.15" and mbn[3] == "3"
-    assert mbn[4] == f"-0.90 [{-0.9 - half:+.2f}, {-0.9 + half:+.2f}] (n = 3)"
-    assert mbn[5:] == ["7.93", "-0.48", "no", "holds"]
-    assert rows[("brn", "resnet20")][-1] == "fails"  # paper: BRN beats BN; ours: +0.97 [..] above 0
-    assert rows[("normprop", "nin")][-1] == "within noise"  # −0.0(3) with an interval across 0
-    assert rows[("bn", "resnet20")][4] == "reference" and rows[("bn", "resnet20")][-1] == "—"
-    assert rows[("mbn", "resnet56")][2] == "missing" and rows[("mbn", "resnet56")][3] == "0"
+    assert mbn[2:5] == ["9.13 ± 0.15", "3", "6.13 ± 0.15"]
+    assert mbn[5] == f"-0.90 [{-0.9 - half:+.2f}, {-0.9 + half:+.2f}] (n = 3)"
+    assert rows[("bn", "resnet20")][5] == "reference"
+    assert rows[("mbn", "resnet56")][2:4] == ["missing", "0"]
     assert "## Runs" in md and len(recorded_runs(str(out / "table1.md"))) == 15
     csv_text = (out / "table1.csv").read_text().splitlines()
-    assert csv_text[0].startswith("method,model,mean,std,n,delta_mean,delta_lo,delta_hi,delta_n,paper")
+    assert csv_text[0] == ("method,model,mean,std,n,diverged,train_mean,train_std,delta_mean,delta_lo,delta_hi,"
+                           "delta_n,unpaired")
 
 
 def test_synthetic_tables_are_titled_so_and_never_compared(tmp_path):
@@ -222,6 +194,15 @@ def test_committed_e3_runs_still_regenerate_the_committed_tables(tmp_path):
         assert made_from is None or made_from == recorded_runs(str(tmp_path / f"{table}.md"))
 
 
+def test_committed_shortened_tables_give_no_verdicts():
+    """results/e3 and results/e30 are 3- and 30-epoch tables: no paper columns, and the header says why."""
+    for profile, epochs in (("e3", 3), ("e30", 30)):
+        md = open(os.path.join(REPO, "results", profile, "table1.md"), encoding="utf-8").read()
+        head = next(line for line in md.splitlines() if line.startswith("| method"))
+        assert "verdict" not in head and "paper" not in head and "train error" in head
+        assert f"**No paper Δ and no verdicts**: these runs have a schedule of {epochs} epochs" in md
+
+
 # ------------------------------------------------------------------------------ the studies
 def test_ablation_grid_definition():
     g = grids(200)["mbn_ablation"]
@@ -229,8 +210,15 @@ def test_ablation_grid_definition():
     labeled = [(o, lab) for b in g.blocks for o, lab in expand_labeled(b)]
     assert all("model=resnet20" in o for o, _ in labeled)
     by_label = {lab: o for o, lab in labeled}
+    assert len(by_label) == len(labeled)  # every variant its own row
     assert by_label["BN-1 (reference)"] == ["model=resnet20", "norm=bn"]
+    assert by_label["BN-2 (double forward: running averages from the second forward)"] == [
+        "model=resnet20", "norm=bn", "train.double_forward=true"]
+    assert by_label["MBN λ = 0, single forward (control: must equal BN-1)"] == [
+        "model=resnet20", "norm=mbn", "norm.lam=[0.0]", "train.double_forward=false"]
     assert by_label["λ = {0.5} throughout"][-1] == "norm.lam=[0.5]"
+    assert by_label["λ = {0.9} throughout"][-1] == "norm.lam=[0.9]"
+    assert by_label["λ = {0.9, 0.5, 0.1}: λ falls as the lr falls"][-1] == "norm.lam=[0.9,0.5,0.1]"
     assert by_label["memory size k = 2"][-1] == "norm.memory_size=2"
     assert by_label["MBN-1 (single forward)"][-1] == "train.double_forward=false"
     assert by_label["precision bf16"][-1] == "perf.precision=bf16"
@@ -239,62 +227,80 @@ def test_ablation_grid_definition():
     for key in ("norm.newest_weight=one", "norm.grad=renorm", "norm.eta=1.0"):
         assert any(key in o for o, _ in labeled)
     assert len(g.rows) == len(labeled) + 4 and g.rows[-1].startswith("BN-1 inference: precise")
+    assert g.train_err and grids(200)["table1"].train_err
 
 
 def test_ablation_table(tmp_path):
     root = tmp_path / "e2"
     grid = grids(2)["mbn_ablation"]
     write_sweep(root, "mbn_ablation", 2, [0, 1])
-    runs = {("norm=bn",): [{"test_err": 10.0, "test_err_running": 10.0, "test_err_precise": 9.5},
-                           {"test_err": 10.4, "test_err_running": 10.4}],
-            ("norm=mbn",): [{"test_err": 11.0, "test_err_running": 10.5}, {"test_err": 11.6, "test_err_running": 10.7}],
-            ("norm.memory_size=2",): [{"test_err": 12.0}, {"test_err": 12.2}]}
+    runs = {("norm=bn",): [{"test_err": 10.0, "test_err_running": 10.0, "test_err_precise": 9.5, "train_err": 8.4},
+                           {"test_err": 10.4, "test_err_running": 10.4, "train_err": 8.6}],
+            ("norm=mbn",): [{"test_err": 11.0, "test_err_running": 10.5, "train_err": 9.6},
+                            {"test_err": 11.6, "test_err_running": 10.7, "train_err": 9.8}],
+            ("norm.memory_size=2",): [{"test_err": 12.0}, {"test_err": 12.2}],
+            ("norm.lam=[0.0]",): [{"test_err": 10.0}, {"test_err": 10.4}]}
     for want, metrics in runs.items():
         for seed, m in enumerate(metrics):
             fake_run(root, cell_overrides(grid, list(want), seed, 2), m)
     out = tmp_path / "out"
     assert script("make_tables")(["--runs", str(root), "--out", str(out), "--tables", "mbn_ablation"]) == 0
     rows = {k[0]: v for k, v in md_rows(out / "mbn_ablation.md").items()}
-    assert rows["BN-1 (reference)"][4] == "reference"
-    assert rows["memory size k = 2"][2:4] == ["12.10 ± 0.14", "2"]
-    assert rows["memory size k = 10"][2:4] == rows[next(k for k in rows if k.startswith("MBN-2, the paper"))][2:4]
-    assert rows["MBN-2 inference: running averages"][2:5] == ["10.60 ± 0.14", "2", "+0.40 [-0.87, +1.67] (n = 2)"]
+    paper_row = rows[next(k for k in rows if k.startswith("MBN-2, the paper"))]
+    assert rows["BN-1 (reference)"][4:6] == ["8.50 ± 0.14", "reference"]
+    assert paper_row[2:5] == ["11.30 ± 0.42", "2", "9.70 ± 0.14"]  # the train error column
+    assert rows["memory size k = 2"][2:5] == ["12.10 ± 0.14", "2", "—"]
+    assert rows["memory size k = 10"][2:4] == paper_row[2:4]
+    assert rows["MBN λ = 0, single forward (control: must equal BN-1)"][5] == "+0.00, zero width: identical " \
+                                                                            "differences (n = 2)"
+    assert rows["MBN-2 inference: running averages"][2:6] == ["10.60 ± 0.14", "2", "9.70 ± 0.14",
+                                                              "+0.40 [-0.87, +1.67] (n = 2)"]
     assert rows["MBN-2 inference: precise (PreciseBN, final weights)"][2] == "missing (2 runs without this metric)"
-    assert rows["BN-1 inference: precise (PreciseBN, final weights)"][2:5] == ["9.50", "1", "-0.50 (n = 1)"]
+    assert rows["BN-1 inference: precise (PreciseBN, final weights)"][2:6] == ["9.50", "1", "8.50 ± 0.14",
+                                                                               "-0.50 (n = 1)"]
     assert rows["η = 0.5"][2:4] == ["missing", "0"]
-    assert "verdict" not in (out / "mbn_ablation.md").read_text()
+    md = (out / "mbn_ablation.md").read_text()
+    assert "**No paper Δ and no verdicts**: the paper has no numbers for this table" in md
+    assert "verdict" not in next(line for line in md.splitlines() if line.startswith("| variant"))
 
 
 def test_small_batch_grids():
     g = grids(30, 390)
     steps, epochs = g["small_batch_steps"], g["small_batch_epochs"]
     cells = [o for b in steps.blocks for o in expand(b)]
-    assert len(cells) == len(SMALL_BATCHES) * len(SMALL_BATCH_NORMS) == 42
+    assert 64 in SMALL_BATCHES and len(cells) == len(SMALL_BATCHES) * len(SMALL_BATCH_NORMS) == 49
     assert all("train.steps=11700" in o and not any(x.startswith("optim.lr") for x in o) for o in cells)
     cells = [o for b in epochs.blocks for o in expand(b)]
-    assert len(cells) == 42 and not any(x.startswith("train.steps") for o in cells for x in o)
+    assert len(cells) == 49 and not any(x.startswith("train.steps") for o in cells for x in o)
     assert {o[2]: o[3] for o in cells} == {f"train.batch_size={b}": f"optim.lr={0.1 * b / 128:g}"
                                            for b in SMALL_BATCHES}
     assert small_batch_lr(128) == 0.1 and small_batch_lr(2) == 0.0015625
+    assert set(steps.row_notes) == {2, 4} and not epochs.row_notes  # below Table 4's smallest batch, 8
+    assert steps.cols[-1] == epochs.cols[-1] == "bn (PreciseBN)" and steps.metric_of(8, "bn (PreciseBN)") == \
+        "test_err_precise"
 
 
-def test_small_batch_table_and_figure(tmp_path):
+def test_small_batch_table_and_figure(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweeps, "SMALL_BATCH_NORMS", ["bn", "mbn"])  # two columns keep it fast (a compose per cell)
     root = tmp_path / "e2"
-    grid = grids(2)["small_batch_epochs"]
-    write_sweep(root, "small_batch_epochs", 2, [0, 1])
+    grid = grids(2)["small_batch_steps"]
+    write_sweep(root, "small_batch_steps", 2, [0, 1])
     errs = {("bn", 2): [50.0, 52.0], ("mbn", 2): [40.0, 41.0], ("bn", 128): [10.0, 11.0], ("mbn", 128): [10.5, 11.0]}
     for (norm, bs), values in errs.items():
         for seed, err in enumerate(values):
             fake_run(root, cell_overrides(grid, [f"norm={norm}", f"train.batch_size={bs}"], seed, 2),
-                     {"test_err": err})
+                     {"test_err": err, "test_err_precise": err - 1})
     out = tmp_path / "out"
-    assert script("make_tables")(["--runs", str(root), "--out", str(out), "--tables", "small_batch_epochs"]) == 0
-    rows = md_rows(out / "small_batch_epochs.md")
-    assert rows[("2", "mbn")][2:5] == ["40.50 ± 0.71", "2", "-10.50 [-16.85, -4.15] (n = 2)"]
-    assert rows[("128", "bn")][4] == "reference" and rows[("4", "bn")][2] == "missing"
-    assert len(rows) == 42 and "lr 0.1 · batch / 128" in (out / "small_batch_epochs.md").read_text()
-    assert script("plot_curves")(["--runs", str(root), "--out", str(out), "--figures", "small_batch_epochs"]) == 0
-    assert recorded_runs(str(out / "small_batch_epochs.png")) == {p.name for p in root.iterdir() if p.is_dir()}
+    assert script("make_tables")(["--runs", str(root), "--out", str(out), "--tables", "small_batch_steps"]) == 0
+    rows = md_rows(out / "small_batch_steps.md")
+    two = "2 (below 8: outside the paper's rule, no verdict)"
+    assert rows[(two, "mbn")][2:5] == ["40.50 ± 0.71", "2", "-10.50 [-16.85, -4.15] (n = 2)"]
+    assert rows[("128", "bn")][4] == "reference" and rows[("64", "bn")][2] == "missing"
+    assert rows[(two, "bn (PreciseBN)")][2:5] == ["50.00 ± 1.41", "2", "-1.00, zero width: identical differences "
+                                                                       "(n = 2)"]
+    assert len(rows) == 7 * 3 and "SGD steps, lr 0.1" in (out / "small_batch_steps.md").read_text()
+    assert script("plot_curves")(["--runs", str(root), "--out", str(out), "--figures", "small_batch_steps"]) == 0
+    assert recorded_runs(str(out / "small_batch_steps.png")) == {p.name for p in root.iterdir() if p.is_dir()}
 
 
 # ------------------------------------------------------------------------------ runs without a sweep file
@@ -315,19 +321,7 @@ def test_collect_infers_the_sweep_of_runs_launched_by_hand(tmp_path):
     assert not (out / "sweep_figure1.json").exists()  # ResNet-56's grid: these runs are not in it
     assert set(infer_sweeps(str(out))) == {"table1", "figure2"}
     assert script("make_tables")(["--runs", str(out), "--out", str(tmp_path / "t"), "--tables", "table1"]) == 0
-    assert md_rows(tmp_path / "t" / "table1.md")[("mbn", "resnet20")][4] == "+1.00 (n = 1)"
-
-
-def test_sweep_names_say_what_ran(capsys):
-    sweep = script("sweep", module=True)
-    assert sweep.default_name(2, ["data=synthetic", "data.train_size=64"]) == "e2-synthetic"
-    assert sweep.default_name(30, ["data=cifar10"]) == sweep.default_name(30, []) == "e30"
-    assert sweep.main(["table6", "--epochs", "2", "--dry-run", "data=synthetic", "data.train_size=64"]) == 0
-    out = capsys.readouterr().out
-    assert "name=e2-synthetic" in out and "runs/e2-synthetic" in out
-    assert sweep.main(["small_batch", "--protocol", "epochs", "--epochs", "2", "--norms", "bn", "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "name=e2 " in out and "norm=bn train.batch_size=2 optim.lr=0.0015625" in out
+    assert md_rows(tmp_path / "t" / "table1.md")[("mbn", "resnet20")][5] == "+1.00 (n = 1)"
 
 
 # ------------------------------------------------------------------------------ committed outputs
@@ -353,11 +347,8 @@ def test_committed_outputs_are_replaced_only_from_the_same_runs(tmp_path, capsys
     fake_run(runs, cell_overrides(grid, ["norm.memory_size=20"], 0, 2, ["data=synthetic"]), {"test_err": 31.0})
     _INDEXES.clear()  # a new run appeared in the folder
     before = (out / "table6.md").read_text()
-    capsys.readouterr()
-    assert make_tables(args) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and "--force" in err
-    assert "table6.md is committed and was made from 1 runs" in err
+    with pytest.raises(UserError, match="table6.md is committed and was made from 1 runs.*--force"):
+        make_tables(args)
     assert (out / "table6.md").read_text() == before
     assert make_tables(args + ["--force"]) == 0
     assert len(recorded_runs(str(out / "table6.md"))) == 2
@@ -380,9 +371,16 @@ def test_committed_outputs_are_replaced_only_from_the_same_runs(tmp_path, capsys
     check_replace(str(tmp_path / "elsewhere.md"), [], force=False)  # not committed: free to write
 
 
-def test_table_script_errors_are_one_line():
-    r = run_cli("scripts/make_tables.py", "--runs", "/nonexistent", "--tables", "table1", "--out", "/tmp/x")
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "no sweep file" in r.stdout
-    r = subprocess.run([sys.executable, "scripts/collect_runs.py", "--runs", "/nonexistent"], cwd=REPO,
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("error: no finished runs") and "Traceback" not in r.stderr
+def test_table_script_errors_are_one_line(tmp_path):
+    """Issue 18 #21: a --runs folder that does not exist is one line, exit 2, and nothing is created
+    (neither the default results/<name>/ nor --out)."""
+    missing = tmp_path / "does-not-exist"
+    r = run_cli("scripts/make_tables.py", "--runs", str(missing), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and r.stderr == f"error: --runs {missing}: no such folder\n"
+    assert not os.path.exists(os.path.join(REPO, "results", "does-not-exist")) and not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match="^no finished runs"):  # in-process: the same boundary, no start-up
+        script("collect_runs")(["--runs", str(tmp_path)])
+    with pytest.raises(UserError, match="invalid choice: 'figure9'.*see .* --help"):  # argparse: one line too
+        script("plot_curves")(["--runs", str(tmp_path), "--figures", "figure9"])
+    with pytest.raises(UserError, match=r"--runs .*does-not-exist: no such folder"):
+        script("plot_curves")(["--runs", str(missing)])

@@ -113,7 +113,7 @@ def test_table2_sweep_on_synthetic_cifar100_shapes(tmp_path):
     assert r.returncode == 0, r.stderr
     md = (out / "table2.md").read_text()
     lines = [line for line in md.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    found = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line for line in lines}
+    found = {tuple(c.strip().split(" (")[0] for c in line.strip("|").split("|")[:2]): line for line in lines}
     assert len(found) == 14
     for norm in ("normprop", "bn", "brn", "mbn"):
         assert "missing" not in found[(norm, "nin")] and "| 1 |" in found[(norm, "nin")]
