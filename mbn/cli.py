@@ -101,6 +101,7 @@ def existing_dir(path: str, what: str = "--runs") -> str:
         raise UserError(f"{what} {path}: no such folder" + ("" if not os.path.exists(path) else " (it is a file)"))
     return path
 
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (UserError, exit 2) instead of the usage and a
     message; --help is unchanged."""
