@@ -9,7 +9,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from mbn import UserError, norms, preempt
+from mbn import UserError, compile_cache, norms, preempt
 from mbn.build import (autocast_for, make_model, make_optimizer, resolve_device, resolve_perf, seed_everything,
                        set_schedule)
 from mbn.checkpoint import (CHECKPOINT, config_differences, load_checkpoint, rng_state, save_checkpoint,
@@ -64,6 +64,8 @@ class Run:
         if world > 1:  # normalizers keep their own buffers (BN/BRN/MBN synchronise statistics, CBN/MABN
             # are per process, as their papers' code); rank 0's are checkpointed
             self.net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        if self.perf["compile"]:  # before the first compilation: a carried cache makes it a warm start
+            compile_cache.use(cfg.perf.get("compile_cache"))
         self.forward = torch.compile(self.net, mode=self.perf["compile_mode"]) if self.perf["compile"] else self.net
         graph = self.perf["cuda_graph"]
         self.step = TrainStep(self.net, self.optimizer, self.train_batches, cfg.train.double_forward, self.autocast,

@@ -16,7 +16,10 @@ synthetic CIFAR-shaped data held on the device; (g), (h) are not in the default 
 `scripts/gpu_check.py` runs every configuration in its own process; with $MBN_BENCH_LOCK set,
 processes compile in parallel and take turns for the timed part.
 
-    python scripts/bench.py --model resnet20 --batch-sizes 128 --only b g --seeds 8   # stacking's gain"""
+    python scripts/bench.py --model resnet20 --batch-sizes 128 --only b g --seeds 8   # stacking's gain
+
+--compile-cache DIR (default $MBN_COMPILE_CACHE, else torch's own) keeps torch.compile's caches in DIR
+(mbn/compile_cache.py): a second bench with the same folder starts warm."""
 import argparse
 import contextlib
 import fcntl
@@ -32,7 +35,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
+from mbn import compile_cache  # noqa: E402
 from mbn.build import resolve_device  # noqa: E402
+from mbn.cli import ArgumentParser, run  # noqa: E402
 from mbn.engine import Run  # noqa: E402
 from mbn.results import REPO, compose  # noqa: E402
 from mbn.stacked import StackedRun  # noqa: E402
@@ -156,21 +161,36 @@ def table(rows, title) -> str:
     return "\n".join(lines + table_lines(rows)) + "\n"
 
 
+def at_least(minimum: int):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="bench.py", description=__doc__)
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--model", default="resnet56")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", help="default 128 8 (--tiny: 8 4)")
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--model", default="resnet56", choices=models.MODELS, metavar="MODEL",
+                    help=f"one of {', '.join(models.MODELS)}")
+    ap.add_argument("--batch-sizes", type=at_least(1), nargs="+", help="default 128 8 (--tiny: 8 4)")
+    ap.add_argument("--steps", type=at_least(1), default=100)
+    ap.add_argument("--warmup", type=at_least(0), default=30)
     ap.add_argument("--only", nargs="*", default=list("abcde"), choices=list(CONFIGS))
-    ap.add_argument("--seeds", type=int, default=8, help="models trained at once by the stacked configurations (g, h)")
+    ap.add_argument("--seeds", type=at_least(1), default=8,
+                    help="models trained at once by the stacked configurations (g, h)")
+    ap.add_argument("--compile-cache", default=None,
+                    help="torch.compile's cache folder (default: $MBN_COMPILE_CACHE, else torch's own)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes: resnet20, batch 8 and 4 (or as given), 3 steps")
     ap.add_argument("--json", action="store_true", help="print one JSON line per measurement only")
     ap.add_argument("--out", default=os.path.join(REPO, "results", "bench.md"))
     args = ap.parse_args(argv)
-    if args.seeds < 1:
-        ap.error("--seeds must be >= 1")
+    compile_cache.use(args.compile_cache, key="--compile-cache")
     device = resolve_device(args.device)
     extra = ()
     if args.tiny:
@@ -195,4 +215,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -17,7 +17,9 @@ Phases:
               the 8 seeds stacked in one process of (g): keep stacking only if it wins.
 4. train    — `train.py model=resnet20 norm=mbn train.epochs=3` on real CIFAR-10 (--data-root),
               per-epoch img/s and test error.
-Writes one JSON line per measurement to stdout and <out>/gpu_check.jsonl, and results/bench.md."""
+Writes one JSON line per measurement to stdout and <out>/gpu_check.jsonl, and results/bench.md.
+Every process compiles into one torch.compile cache (--compile-cache; default $MBN_COMPILE_CACHE,
+else runs/compile_cache, mbn/compile_cache.py), so a second check, or the sweeps after it, start warm."""
 import argparse
 import json
 import os
@@ -29,6 +31,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+PHASES = ["correct", "bench", "packed", "train"]
 PACKED_N = {False: 8, True: 2}  # (not dry, dry): concurrent processes of the packed phase = seeds stacked by (g), (h)
 
 
@@ -169,13 +172,28 @@ def norms_list(dry):
     return ["bn", "mbn"] if dry else sorted(NORMS)
 
 
+def positive_seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from mbn.cli import ArgumentParser
+
+    ap = ArgumentParser(prog="gpu_check.py", description=__doc__)
     ap.add_argument("--dry", action="store_true", help="CPU rehearsal at toy sizes (no timings worth reading)")
     ap.add_argument("--data-root", default=None, help="holds cifar-10-batches-py/ for the train phase")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "runs", "gpu_check"))
-    ap.add_argument("--budget", type=float, default=470.0, help="seconds for the whole check")
-    ap.add_argument("--phases", nargs="*", default=["correct", "bench", "packed", "train"])
+    ap.add_argument("--budget", type=positive_seconds, default=470.0, help="seconds for the whole check")
+    ap.add_argument("--phases", nargs="*", default=PHASES, choices=PHASES)
+    ap.add_argument("--compile-cache", default=None,
+                    help="torch.compile's cache folder for every process (default: $MBN_COMPILE_CACHE, else "
+                         "runs/compile_cache); carry it to the next machine for warm starts")
     ap.add_argument("--bench-md", default=os.path.join(REPO, "results", "bench.md"))
     ap.add_argument("--commit", default=None,
                     help="the commit the code was taken from, where the machine's copy has no usable git")
@@ -193,9 +211,20 @@ def main(argv=None):
 
     import torch
 
+    from mbn import compile_cache
+    from mbn.cli import EnvironmentFault
+
     if not args.dry and not torch.cuda.is_available():
-        print("error: no CUDA device is visible; run with --dry for a CPU rehearsal", file=sys.stderr)
-        return 2
+        raise EnvironmentFault("no CUDA device is visible; run with --dry for a CPU rehearsal")
+    if args.data_root and not os.path.isdir(os.path.join(args.data_root, "cifar-10-batches-py")):
+        from mbn import UserError
+
+        raise UserError(f"--data-root {args.data_root}: no cifar-10-batches-py/ there; build it with "
+                        f"python ../shared/data/build_cifar.py --root {args.data_root} --dataset cifar10")
+    # every subprocess inherits the folder ($MBN_COMPILE_CACHE, TORCHINDUCTOR_CACHE_DIR); a rehearsal keeps
+    # its own beside its output
+    default_cache = os.path.join(args.out, "compile_cache") if args.dry else os.path.join(REPO, "runs", "compile_cache")
+    compile_cache.use(args.compile_cache or compile_cache.resolve() or default_cache, key="--compile-cache")
     check = Check(args.out, args.dry, args.budget)
     check.emit(environment(args.commit, dry=args.dry))
     env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="2", PYTHONPATH=os.pathsep.join(
@@ -396,4 +425,6 @@ def train(check, env, data_root, dry):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from mbn.cli import run
+
+    run(main)

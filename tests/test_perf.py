@@ -1,6 +1,7 @@
 """The fast path (compile, channels_last, bf16) against the exact one, and the benchmark script."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -134,6 +135,7 @@ def test_gpu_check_help_and_dry_rehearsal(tmp_path):
     assert {"env", "bench:resnet20-bs8-a", "bench:resnet20-bs8-d", "bench:resnet20-bs8-g", "bench:resnet20-bs8-h",
             "train:resnet20-mbn2-3ep-synthetic"} <= names
     assert all(row["ok"] for row in rows) and "| resnet20 | (d) ours MBN-2 | 8 |" in md.read_text()
+    assert (tmp_path / "out" / "compile_cache").is_dir()  # every process's compile cache (a rehearsal: its own)
     assert "| resnet20 | (g) ours BN-1, 2 seeds stacked in one process | 8 |" in md.read_text()
     ratio = next(row for row in rows if row["name"] == "ratio:resnet20-bs8")
     assert ratio["bn1_stacked_vs_bn1"] > 0 and ratio["mbn2_stacked_vs_mbn2"] > 0
@@ -160,3 +162,39 @@ def test_gpu_check_reports_a_crash_by_name_with_its_traceback(tmp_path, monkeypa
     by = {r["name"]: r for r in rows}
     assert not by["broken"]["ok"] and any("ValueError" in line for line in by["broken"]["traceback_tail"])
     assert by["fine"]["ok"] and [f["name"] for f in check.failures] == ["broken"]
+
+
+def load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script, argv, says", [
+    ("bench", ["--seeds", "0"], "--seeds: must be at least 1"),
+    ("bench", ["--steps", "0"], "--steps: must be at least 1"),
+    ("bench", ["--batch-sizes", "8", "-4"], "--batch-sizes: must be at least 1"),
+    ("bench", ["--model", "resnet21"], "invalid choice: 'resnet21'"),
+    ("bench", ["--only", "z"], "invalid choice: 'z'"),
+    ("gpu_check", ["--budget", "0"], "--budget: must be positive"),
+    ("gpu_check", ["--phases", "timing"], "invalid choice: 'timing'"),
+    ("gpu_check", ["--dry", "--data-root", "/nonexistent"], "--data-root /nonexistent: no cifar-10-batches-py/"),
+])
+def test_bench_and_gpu_check_refuse_bad_arguments_with_one_line(script, argv, says):
+    with pytest.raises(UserError, match=re.escape(says)) as e:
+        load_script(script).main(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_gpu_check_boundary_missing_log_and_no_gpu(tmp_path):
+    """The scripts end through mbn.cli's boundary: one line and an exit status, no traceback."""
+    r = run_cli("scripts/gpu_check.py", "--report", str(tmp_path / "missing.jsonl"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.jsonl" in r.stderr
+    if not torch.cuda.is_available():
+        from mbn.cli import EnvironmentFault
+
+        with pytest.raises(EnvironmentFault, match="no CUDA device is visible; run with --dry"):
+            load_script("gpu_check").main(["--out", str(tmp_path / "out")])

@@ -1,5 +1,6 @@
 """Sweeps, tables and figures end to end on synthetic data (two seeds, two epochs)."""
 import csv
+import re
 import json
 import statistics
 
@@ -119,3 +120,147 @@ def test_table2_sweep_on_synthetic_cifar100_shapes(tmp_path):
         assert "missing" not in found[(norm, "nin")] and "| 1 |" in found[(norm, "nin")]
     assert "missing" in found[("mbn", "resnet56")] and "29.27" not in md  # synthetic: no paper numbers
     assert md.startswith("# SYNTHETIC DATA") and "CIFAR-100 is downloaded by torchvision" in md
+
+
+# ------------------------------------------------------------------------------ sweep.py plan / next / errors
+def sweep_script():
+    import importlib.util
+    import os
+
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("sweep_script", os.path.join(REPO, "scripts", "sweep.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def own_compile_cache(tmp_path, monkeypatch):
+    """`next` points this process's torch.compile cache at its folder: restore it afterwards."""
+    monkeypatch.setenv("MBN_COMPILE_CACHE", str(tmp_path / "compile_cache"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile_cache"))
+    return tmp_path / "compile_cache"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["table1", "--seeds", "0"], "--seeds: must be at least 1"),            # issue 18 #17
+    (["table1", "--jobs", "0"], "--jobs: must be at least 1"),
+    (["table6", "--epochs", "-2"], "--epochs: must be at least 1"),
+    (["plan", "--seeds", "-1"], "--seeds: must be at least 1"),
+    (["next", "--budget", "0"], "--budget: a time in seconds must be positive"),
+    (["next", "--jobs", "2"], "required: --budget"),
+    (["table1", "--models", "resnet21"], "invalid choice: 'resnet21'"),
+    (["plan", "--norms", "mbn2"], "invalid choice: 'mbn2'"),
+    (["plan", "--tables", "table7"], "invalid choice: 'table7'"),
+    (["plan", "--profile", "30"], "a profile is e<epochs>"),
+    (["tabel1"], "unknown table 'tabel1'"),
+    (["table1", "--", "train.batchsize=32"], "did you mean train.batch_size"),
+    (["plan", "--", "norm=mbm"], "did you mean mbn"),
+    (["table6", "--", "optim.lr=0"], "optim.lr"),
+    (["table1", "--", "seeds"], "'seeds' is not a key=value override"),
+])
+def test_sweep_refuses_bad_arguments_with_one_line(argv, says, tmp_path):
+    from mbn import UserError
+
+    with pytest.raises(UserError, match=re.escape(says)) as e:
+        sweep_script().main(argv[:1] + ["--root", str(tmp_path / "runs")] + argv[1:])
+    assert "\n" not in str(e.value) and not (tmp_path / "runs").exists()
+
+
+def test_sweep_unwritable_root_and_the_boundary(tmp_path):
+    """One line on stderr, exit 2, no traceback, nothing created; a --root that cannot be made too."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = run_cli("scripts/sweep.py", "table6", "--epochs", "1", "--root", str(blocker / "runs"), *TINY)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--root" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("scripts/sweep.py", "table1", "--seeds", "0", "--root", str(tmp_path / "runs"))
+    assert r.returncode == 2 and r.stderr.startswith("error: argument --seeds") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_restricting_models_and_norms_and_the_dry_run_estimates(tmp_path, capsys):
+    """Issue 18 #15 (--models with --norms), and --dry-run: every block's command, run count and
+    GPU time, nothing written."""
+    sweep = sweep_script()
+    root = tmp_path / "runs"
+    assert sweep.main(["table1", "--models", "resnet20", "--norms", "bn", "mbn", "--dry-run", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "model=resnet20 norm=bn,mbn seed=0,1,2" in out and "6 runs; GPU time" in out and "normprop" not in out
+    assert sweep.main(["mbn_ablation", "--epochs", "30", "--dry-run", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    blocks = grids(30)["mbn_ablation"].blocks
+    assert out.count("[sweep] ") == len(blocks) + 1 and out.count("runs; GPU time") == len(blocks)
+    assert "norm.lam=[0.0]" in out and "perf.compile_cache=" in out
+    assert sweep.main(["small_batch", "--dry-run", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "train.batch_size=2,4,8,16,32,64,128" in out and "no estimate" in out
+    assert not root.exists()
+
+
+class InProcessJob:
+    """sweep.Job's stand-in for the default suite: the same train.py command line, trained in this
+    process (an interpreter start-up costs more than the tiny training)."""
+
+    def __init__(self, cmd, log_path, env):
+        import contextlib
+        import os
+
+        from mbn.engine import fit
+        from tests.conftest import make_cfg
+
+        args = cmd[2:]  # after: python train.py
+        run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir="))
+        overrides = [a for a in args if not a.startswith("hydra.")]
+        os.environ["MBN_DEADLINE"] = env["MBN_DEADLINE"]
+        try:
+            with open(log_path, "a") as log, contextlib.redirect_stdout(log):
+                fit(make_cfg(overrides), run_dir, overrides)
+        finally:
+            del os.environ["MBN_DEADLINE"]
+
+    def poll(self):
+        return 0
+
+    def stop(self, sig):
+        pass
+
+
+@pytest.mark.parametrize("launch", ["in process", pytest.param("train.py", marks=pytest.mark.slow)])
+def test_next_runs_resumes_bitwise_and_keeps_checkpoints_only_while_unfinished(launch, tmp_path, capsys,
+                                                                                own_compile_cache, monkeypatch):
+    """`next` twice on one run: the first call stops it after an epoch (train.stop_after, as a
+    budget would), the second continues it to the result of an uninterrupted run, bit for bit,
+    deletes its checkpoint, and a third call finds nothing to do."""
+    from mbn.engine import fit
+    from tests.conftest import make_cfg
+
+    sweep = sweep_script()
+    if launch == "in process":
+        monkeypatch.setattr(sweep, "Job", InProcessJob)
+    root = tmp_path / "runs"
+    argv = ["next", "--budget", "600", "--margin", "1", "--profile", "e2", "--seeds", "1", "--tables", "table1",
+            "--models", "resnet20", "--norms", "bn", "--root", str(root), "--", *TINY, "train.precise_batches=1"]
+    assert sweep.main(argv + ["train.stop_after=1"]) == 0
+    runs = root / "e2-synthetic"
+    (run,) = [d for d in runs.iterdir() if d.is_dir() and d.name != "logs"]
+    assert (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()
+    assert "1 partial" in capsys.readouterr().out
+
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 finished" in out and "resuming" in (runs / "logs" / f"{run.name}.log").read_text()
+    assert json.loads((run / "metrics.json").read_text())["status"] == "finished"
+    assert not (run / "checkpoint.pt").exists()  # finished: the run dir travels without it
+    record = json.loads((run / "run_record.json").read_text())
+    fit(make_cfg([o for o in record["overrides"] if not o.startswith("train.stop_after")]), str(tmp_path / "ref"))
+    keys = ("epoch", "step", "lr", "train_loss", "train_err", "test_loss", "test_err")
+    ours = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [[h[k] for k in keys] for h in ours] == [[h[k] for k in keys] for h in ref]
+    sweep_file = json.loads((runs / "sweep_table1.json").read_text())
+    assert sweep_file["epochs"] == 2 and sweep_file["seeds"] == [0] and "train.stop_after=1" not in sweep_file["extra"]
+
+    assert sweep.main(argv) == 0  # nothing left: the finished run is not started again
+    out = capsys.readouterr().out
+    assert "nothing to run" in out and "| 1 | 0 | 0 | 0 | done |" in out
