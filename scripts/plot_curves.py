@@ -38,8 +38,15 @@ def finished(runs):
 
 def band(ax, runs, key, color, lw, name, ls="-"):
     runs, _ = finished(runs)
-    if not runs:
+    drawable = [r for r in runs if r["history"] and all(isinstance(h.get("epoch"), (int, float))
+                                                        and isinstance(h.get(key), (int, float)) for h in r["history"])]
+    for r in runs:
+        if r not in drawable:
+            warn(f"{os.path.join(r['dir'], 'metrics.jsonl')}: not every line has 'epoch' and '{key}'; "
+                 "its curve is left out")
+    if not drawable:
         return
+    runs = drawable
     epochs, mean, lo, hi = curves(runs, key)
     ax.plot(epochs, mean, color=color, lw=lw, ls=ls, label=name)
     if len(runs) > 1:

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from mbn import UserError
-from mbn.results import status_of
+from mbn.results import DamagedFile, load_run, read_sweep, status_of
 from tests.test_results import cell_overrides, fake_run, md_rows, script, write_sweep
 from tests.test_stats import by_hand, cdf_df2, quantile_df2
 
@@ -91,6 +91,7 @@ def test_zero_width_diverged_and_unpaired_cells(table1):
     md, rows, csv_rows = table1
     brn = rows[("brn", "vgg16")]
     assert brn[5] == "+0.10, zero width: identical differences (n = 3)" and brn[-1] == "zero-width interval"
+    assert brn[6] == "—" and brn[-2] == "—"  # no MDE, no interval to hold the paper's Δ
     assert csv_rows[("brn", "vgg16")]["p_holm"] == ""  # not among the tested cells
     mbn = rows[("mbn", "vgg16")]
     assert mbn[2:4] == ["diverged 1/3; the other 2: 6.65 ± 0.21", "3"]
@@ -188,6 +189,28 @@ def test_damaged_runs_are_named_and_skipped(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"warning: {root / 'sweep_figure2.json'}: not valid JSON at line 1 ")
     assert err.endswith("cut short or edited?; figure2 skipped\n") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name,text,says", [
+    ("sweep_table1.json", '{"epochs": 0, "seeds": [0], "extra": []}', "'epochs' is missing or not a positive integer"),
+    ("sweep_table1.json", '{"epochs": 2, "seeds": "0,1", "extra": []}', "'seeds' is missing or not a list"),
+    ("sweep_table1.json", '{"epochs": 2, "seeds": [0]}', "'extra' is missing"),
+    ("run/run_record.json", '{"config": "resnet20"}', "'config' is a str, not a dict"),
+    ("run/run_record.json", '{"config": {}, "perf": ["bf16"]}', "'perf' is a list, not a dict"),
+    ("run/metrics.json", "null", "holds a NoneType, not a JSON dict"),
+    ("run/metrics.json", b"\xff\xfe{", "not UTF-8 text")])
+def test_damaged_files_of_other_shapes_are_named(tmp_path, capsys, name, text, says):
+    """The class of #19: a file that parses but has the wrong shape, or is not text at all."""
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    if name.startswith("sweep"):
+        with pytest.raises(DamagedFile, match=f"{path}: .*{says}"):
+            read_sweep(str(path))
+        return
+    assert load_run(str(path.parent)) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and says in err and err.endswith("; run skipped\n")
 
 
 def test_collect_puts_each_schedule_in_its_own_folder(tmp_path, monkeypatch):

@@ -82,6 +82,17 @@ def status_of(summary: dict) -> str:
     return FINISHED
 
 
+RECORD_TYPES = {"config": dict, "overrides": list, "git": dict, "perf": dict, "versions": dict, "device": str,
+                "started": str}
+
+
+def _check_record(record: dict, path: str) -> dict:
+    for key, kind in RECORD_TYPES.items():
+        if key in record and record[key] is not None and not isinstance(record[key], kind):
+            raise DamagedFile(f"{path}: '{key}' is a {type(record[key]).__name__}, not a {kind.__name__}")
+    return record
+
+
 def load_run(path: str) -> Optional[dict]:
     """A run directory: its summary (metrics.json), per-epoch history (metrics.jsonl, read for
     finished and diverged runs), run record and status. None for a folder that is no run directory
@@ -94,7 +105,8 @@ def load_run(path: str) -> Optional[dict]:
         status = status_of(summary)
         history = (read_jsonl(files["metrics.jsonl"])
                    if status in IN_TABLES and os.path.isfile(files["metrics.jsonl"]) else [])
-        record = read_json(files["run_record.json"]) if os.path.isfile(files["run_record.json"]) else {}
+        record = (_check_record(read_json(files["run_record.json"]), files["run_record.json"])
+                  if os.path.isfile(files["run_record.json"]) else {})
     except DamagedFile as e:
         warn(f"{e}; run skipped")
         return None
@@ -225,10 +237,14 @@ def lookup(grid: Grid, sweep: dict, runs_root: str) -> Cells:
 def read_sweep(path: str) -> dict:
     """A sweep_<table>.json: the schedule (epochs), the seeds and the extra overrides of a sweep."""
     sweep = read_json(path)
-    for key, kind in (("epochs", int), ("seeds", list), ("extra", list)):
-        if not isinstance(sweep.get(key), kind):
-            raise DamagedFile(f"{path}: '{key}' is missing or not a {kind.__name__}; rewrite it with "
-                              "scripts/sweep.py --dry-run or scripts/collect_runs.py")
+    checks = {"epochs": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              "seeds": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v),
+              "extra": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)}
+    what = {"epochs": "a positive integer", "seeds": "a list of integers", "extra": "a list of overrides"}
+    for key, ok in checks.items():
+        if not ok(sweep.get(key)):
+            raise DamagedFile(f"{path}: '{key}' is missing or not {what[key]}; scripts/sweep.py or "
+                              "scripts/collect_runs.py writes it")
     return sweep
 
 

@@ -114,7 +114,7 @@ def table_rows(grid: Grid, cells, paper: dict, synthetic: bool = False, margin: 
                 ours = paper.get(label(r), {}).get(label(c))
                 theirs = paper.get(label(ref_key[0]), {}).get(label(ref_key[1]))
                 pd = None if is_ref or ours is None or theirs is None else round(ours - theirs, 4)
-                d = row["delta"]
+                d = row["delta"] if row["delta"] is not None and not row["delta"]["zero_width"] else None
                 row.update(paper=ours, diff=(mean - ours) if mean is not None and ours is not None else None,
                            paper_delta=pd, claim=None if is_ref else _claim(grid, pd),
                            paper_delta_in_ci=(None if pd is None or d is None or d["lo"] is None
