@@ -364,4 +364,4 @@ def test_works_on_the_cifar_models(model):
 def test_tiny_training_and_eval_end_to_end(tmp_path, double_forward):
     """The second step already normalizes with the SMA and renormalizes."""
     assert_fit_and_eval(tmp_path, ["norm=mabn", "norm.buffer_size=1", "norm.warmup_iters=1", "norm.renorm_start=1"],
-                        double_forward, cli=double_forward)
+                        double_forward)  # in this process: test_gn's runs eval.py's command line

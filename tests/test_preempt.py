@@ -99,6 +99,86 @@ def stopped_epoch(out):
     return int(m.group(1))
 
 
+# ------------------------------------------------------------------ the pieces, in this process (first: fast)
+@pytest.fixture
+def fresh_state(monkeypatch):
+    monkeypatch.setattr(preempt, "_state", preempt._State())
+    for key in ("RANK", "MBN_SIGNAL_DELAY_S", "SUBMITIT_PREEMPT_SIGNAL"):
+        monkeypatch.delenv(key, raising=False)
+    return preempt._state
+
+
+def test_signal_stops_fit_after_the_epoch_with_its_checkpoint(tmp_path, fresh_state, monkeypatch):
+    """The loop's side, without a process to signal: with the signal noted, fit ends at the first
+    epoch boundary, after that epoch's checkpoint, and says it was preempted."""
+    from mbn.engine import fit
+    from tests.conftest import make_cfg
+
+    fresh_state.signum = signal.SIGUSR2
+    preempt._handler(signal.SIGUSR2, None)
+    summary = fit(make_cfg(RUN), str(tmp_path))
+    assert summary["status"] == "preempted" and summary["epoch"] == 1 and not summary["finished"]
+    assert summary["stop_reason"].startswith("preempted: SIGUSR2") and preempt.stopped()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "preempted"
+
+
+@pytest.mark.parametrize("grace,gives_up", [(8, 6.0), (120, 90.0), (400, 370.0)])
+def test_watchdog_gives_up_a_quarter_of_the_grace_early_at_most_30_s(grace, gives_up, monkeypatch):
+    monkeypatch.setenv("MBN_SIGNAL_DELAY_S", str(grace))
+    assert preempt.give_up_after_s() == pytest.approx(gives_up)
+
+
+def test_the_grace_period_counts_from_the_first_signal(fresh_state, monkeypatch):
+    clock = iter([100.0, 250.0])
+    monkeypatch.setattr(preempt.time, "monotonic", lambda: next(clock))
+    preempt._handler(signal.SIGUSR2, None)
+    preempt._handler(signal.SIGUSR2, None)  # SLURM may signal again
+    assert preempt.requested() and fresh_state.received_at == 100.0
+
+
+def test_only_rank_0_requeues_the_others_exit_0(fresh_state, scontrol, monkeypatch):
+    path, log = scontrol
+    monkeypatch.setenv("PATH", path)
+    monkeypatch.setenv("SLURM_JOB_ID", JOB)
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        preempt.requeue_and_exit()
+    assert e.value.code == 0 and not calls(log)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as e:
+        preempt.requeue_and_exit()
+    assert e.value.code == preempt.EXIT_PREEMPTED and calls(log) == [f"requeue {JOB}"]
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_watchdog_leaves_a_finished_run_alone(finished, fresh_state, tmp_path, monkeypatch):
+    """The grace period is over: the watchdog requeues and ends the process, unless the run
+    finished meanwhile (then nothing is left to continue)."""
+    (tmp_path / "metrics.json").write_text(json.dumps({"finished": finished}))
+    fresh_state.run_dir = str(tmp_path)
+    fresh_state.received_at = time.monotonic() - 1000
+    fresh_state.received.set()
+    requeued = []
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(preempt, "_requeue", lambda: requeued.append(True) or preempt.EXIT_PREEMPTED)
+    monkeypatch.setattr(preempt.os, "_exit", exit_now)
+    if finished:
+        preempt._watchdog()
+        assert not requeued
+    else:
+        with pytest.raises(Exited):
+            preempt._watchdog()
+        assert requeued
+
+
+# ------------------------------------------------------------------ a real train.py, signalled
 def test_signal_stops_at_an_epoch_boundary_requeues_and_resumes_bitwise(straight, tmp_path, scontrol):
     path, log = scontrol
     env = clean_env(SLURM_JOB_ID=JOB, PATH=path, MBN_SIGNAL_DELAY_S="600")  # every epoch ends in time

@@ -172,7 +172,7 @@ def test_the_comparison_fails_for_averaged_losses_and_ungrouped_convolutions(flo
     assert (losses[1:] - separate[1:]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("model", ["vgg16", "nin"])
+@pytest.mark.parametrize("model", [pytest.param("vgg16", marks=pytest.mark.slow), "nin"])  # VGG: 30 s of float64
 def test_plain_networks_stack_exactly(model, float64):
     """VGG-16 (flatten, linear classifier) and NIN (a last convolution without a normalizer): one
     MBN-2 training step (VGG on 32x32 images: it pools 5 times), stacked equals separate."""
@@ -184,7 +184,7 @@ def test_plain_networks_stack_exactly(model, float64):
     assert_same_models(stacked, models)
 
 
-def test_unstack_round_trip_and_what_is_refused():
+def test_unstack_round_trip_and_what_is_refused(resnet8):
     models, _, _ = build("mbn-2")
     stacked = stack(models)
     for k, m in enumerate(models):
@@ -217,7 +217,7 @@ def test_unstack_round_trip_and_what_is_refused():
         stack([a, b])
 
 
-def test_stacked_run_equals_separate_runs(float64, monkeypatch):
+def test_stacked_run_equals_separate_runs(float64, monkeypatch, resnet8):
     """The framework's path: StackedRun over seeds 0 and 1 (MBN-2, synthetic data with augmentation,
     an lr milestone) equals two `Run`s with seed=0 and seed=1 — each model its own initialisation
     and its own data order. In float64 (the data pipeline's batches cast), where equality is
