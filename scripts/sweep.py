@@ -152,6 +152,12 @@ def writable_dir(path: str, what: str) -> str:
     return path
 
 
+def bench_of(args) -> planner.Bench:
+    if args.bench != planner.BENCH and not os.path.isfile(args.bench):
+        raise UserError(f"--bench {args.bench}: no such file (results/bench.md is written by scripts/gpu_check.py)")
+    return planner.Bench(args.bench)
+
+
 def cache_dir(args, root: str) -> str:
     return args.compile_cache or compile_cache.resolve() or os.path.join(root, "compile_cache")
 
@@ -201,9 +207,11 @@ def start_mps(jobs: int) -> None:
 def build_plan(args):
     epochs = int(args.profile[1:])
     runs_dir = os.path.abspath(args.runs or os.path.join(args.root, planner.default_name(epochs, args.overrides)))
+    if os.path.exists(runs_dir) and not os.path.isdir(runs_dir):
+        raise UserError(f"{'--runs' if args.runs else '--root'}: {runs_dir} is a file, not a runs folder")
     check_overrides(args.overrides)
     plan = planner.build(runs_dir, epochs, range(args.seeds), args.overrides, planner.expand_tables(args.tables),
-                         args.models, args.norms, planner.Bench(args.bench))
+                         args.models, args.norms, bench_of(args))
     return plan
 
 
@@ -294,8 +302,9 @@ def cmd_next(args) -> int:
     defaults = [f"name={name}", "train.progress=false", f"perf.compile_cache={cache}"]
 
     def start(r):
+        left = r.seconds_left(args.jobs, plan.bench)
         print(f"[next] start {r.run_id} ({r.table}" + (f", from epoch {r.epochs_done}" if r.epochs_done else "")
-              + f"; estimate {planner.duration(r.seconds_left(args.jobs, plan.bench))})", flush=True)
+              + (f"; about {planner.duration(left)}" if left is not None else "; no estimate") + ")", flush=True)
         cmd = [sys.executable, os.path.join(REPO, "train.py"),
                *merge_overrides(defaults, r.overrides + [f"seed={r.seed}"]), f"hydra.run.dir={r.dir}"]
         return Job(cmd, os.path.join(logs, f"{r.run_id}.log"), env)
@@ -365,7 +374,7 @@ def cmd_table(args) -> int:
     launch = {"basic": [], "joblib": ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"],
               "slurm": ["hydra/launcher=slurm"]}[launcher]
     root = os.path.abspath(os.path.join(args.root, name))
-    bench = planner.Bench(args.bench)
+    bench = bench_of(args)
     env = dict(os.environ)
     if not args.dry_run:
         writable_dir(root, "--root")

@@ -159,6 +159,8 @@ def own_compile_cache(tmp_path, monkeypatch):
     (["plan", "--", "norm=mbm"], "did you mean mbn"),
     (["table6", "--", "optim.lr=0"], "optim.lr"),
     (["table1", "--", "seeds"], "'seeds' is not a key=value override"),
+    (["plan", "--runs", __file__], "is a file, not a runs folder"),
+    (["plan", "--bench", "/nonexistent/bench.md"], "--bench /nonexistent/bench.md: no such file"),
 ])
 def test_sweep_refuses_bad_arguments_with_one_line(argv, says, tmp_path):
     from mbn import UserError
