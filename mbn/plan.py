@@ -339,7 +339,7 @@ def build(runs_dir: str, epochs: int, seeds: Sequence[int], extra: Sequence[str]
     for step in SUITE:
         if tables is not None and step.table not in tables:
             continue
-        block = Block(step)
+        block, in_block = Block(step), set()
         for grid_block in all_grids[step.table].blocks:
             b = restrict(restrict(restrict(grid_block, "model", step.models), "model", models), "norm", norms)
             if b is None:
@@ -350,7 +350,9 @@ def build(runs_dir: str, epochs: int, seeds: Sequence[int], extra: Sequence[str]
                 if r.run_id not in planned:
                     planned[r.run_id] = r
                     block.new.append(r)
-                block.runs.append(planned[r.run_id])
+                if r.run_id not in in_block:  # two cells may be one run (the ablation's k = 10 is MBN-2)
+                    in_block.add(r.run_id)
+                    block.runs.append(planned[r.run_id])
         if block.runs or block.uncomposable:  # --models/--norms may leave a block nothing
             blocks.append(block)
     for r in planned.values():

@@ -134,16 +134,19 @@ def test_plan_finds_every_status_by_recorded_config_and_drops_finished_checkpoin
 def test_plan_order_and_shared_runs(bench):
     """Blocks in the suite's priority order; a run two blocks need is planned in the first and
     only counted in the later one; estimates where the bench has the pair."""
-    plan = planner.build("/nonexistent/e200", 200, [0], tables={"table1", "figure2", "table6"},
+    plan = planner.build("/nonexistent/e200", 200, [0], tables={"table1", "figure2", "table6", "mbn_ablation"},
                          models=["resnet20", "resnet56"], bench=bench)
     titles = [b.step.title for b in plan.blocks]
-    assert titles == [planner.SUITE[i].title for i in (0, 1, 2, 6)]  # NIN and VGG-16 left out: no block
-    r20, r56, t6, f2 = plan.blocks
+    assert titles == [planner.SUITE[i].title for i in (0, 1, 2, 6, 9)]  # NIN and VGG-16 left out: no block
+    r20, r56, t6, f2, ablation = plan.blocks
+    # two cells of one block can be one run (k = 10 and η = 0.9 are the paper's MBN-2): counted once
+    assert len(ablation.runs) == len({r.run_id for r in ablation.runs})
+    assert sum(r.run_id == r20.runs[2].run_id for r in ablation.runs) == 1 and r20.runs[2] not in ablation.new
     assert {(r.overrides[1], r.overrides[2]) for r in r20.runs} == {("model=resnet20", f"norm={n}") for n in
                                                                      ("bn", "brn", "mbn")}
     assert len(t6.runs) == 3 and len(t6.new) == 2  # memory size 10 is Table 1's MBN-2
     assert len(f2.runs) == 4 and not f2.new        # Figure 2's runs are Table 1's
-    assert len(plan.unique()) == len({r.run_id for r in plan.unique()}) == 6 + 2
+    assert len(plan.unique()) == len({r.run_id for r in plan.unique()}) == 6 + 2 + len(ablation.new)
     # ResNet-56 BN-1 and MBN-2 at batch 128 are benched, BRN-2 is not
     seconds, unknown = planner.gpu_seconds(r56.new, 1, bench)
     expected = sum(planner.STARTUP_S + 200 * planner.run_cost(planner.cell_config(r.overrides), bench)[0]
