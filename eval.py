@@ -1,22 +1,43 @@
 """Report test loss and error of a saved run.
 
     python eval.py run_dir=runs/smoke/2026-01-01_00-00-00
-    python eval.py ckpt=path/to/checkpoint.pt [eval_stats=all|default|memory|running|precise] [precise_batches=200] [device=cpu] [data.root=DIR]
+    python eval.py ckpt=path/to/checkpoint.pt [eval_stats=all] [precise_batches=200] [device=cpu] [data.root=DIR]
 
 `all` (the default) reports every inference statistic the normalizer supports — for MBN the paper's
 memorized statistics and BN-style running averages — and PreciseBN's (statistics recomputed with
-the final weights over `precise_batches` training batches).
+the final weights over `precise_batches` training batches). `python eval.py --help` lists the
+keys, written from their declarations below; they are checked like train.py's, before torch loads.
 """
 import os
 import sys
+from dataclasses import dataclass, field
+from typing import Optional
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from mbn import UserError
-from mbn.tracking import to_json
+from mbn import UserError, cli
+from mbn.config import DEVICE
+from mbn.validate import PROGRAM, OneOf, help_lines, hydra_error, key, optional, problems, whole
 
-USAGE = ("usage: python eval.py run_dir=<dir> | ckpt=<file> [eval_stats=all|default|memory|running|precise] "
-         "[precise_batches=200] [device=..] [data.root=..]")
+USAGE = "python eval.py run_dir=<dir> | ckpt=<file> [key=value ...]"
+
+
+@dataclass
+class EvalData:
+    root: Optional[str] = key(None, "where the dataset is (null: the run's data.root)")
+
+
+@dataclass
+class EvalConfig:
+    run_dir: Optional[str] = key(None, "a run directory: evaluates its checkpoint.pt (or give ckpt)")
+    ckpt: Optional[str] = key(None, "a checkpoint file (or give run_dir)")
+    eval_stats: str = key("all", "the inference statistics to report (all: every one the normalizer has)",
+                          OneOf(["all", "default", "memory", "running", "precise"]))
+    precise_batches: int = key(200, "the training batches PreciseBN recomputes the statistics over", whole,
+                               note="0 turns it off")
+    device: Optional[str] = key(None, "the device (null: the run's, a CPU where it has no GPU)", optional(DEVICE))
+    data: EvalData = field(default_factory=EvalData)
 
 
 def evaluate_checkpoint(path, eval_stats="all", device=None, data_root=None, precise_batches=200) -> dict:
@@ -61,30 +82,46 @@ def evaluate_checkpoint(path, eval_stats="all", device=None, data_root=None, pre
     return report
 
 
-def main(argv):
-    args = {}
-    for a in argv:
-        if "=" not in a:
-            print(USAGE, file=sys.stderr)
-            return 2
-        k, v = a.split("=", 1)
-        args[k] = v
-    unknown = set(args) - {"run_dir", "ckpt", "eval_stats", "precise_batches", "device", "data.root"}
-    if unknown or ("run_dir" in args) == ("ckpt" in args):
-        print(USAGE + (f"\nunknown argument(s): {', '.join(sorted(unknown))}" if unknown else ""), file=sys.stderr)
-        return 2
-    path = args.get("ckpt") or os.path.join(args["run_dir"], "checkpoint.pt")
+def parse(argv) -> OmegaConf:
+    """key=value arguments -> the checked EvalConfig (one UserError naming every mistake)."""
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise UserError(f"arguments are key=value, got {' '.join(bad)}; usage: {USAGE} (--help lists the keys)")
     try:
-        if not args.get("precise_batches", "0").isdigit():
-            raise UserError(f"precise_batches must be a whole number, got {args['precise_batches']!r}")
-        report = evaluate_checkpoint(path, args.get("eval_stats", "all"), args.get("device"), args.get("data.root"),
-                                     int(args.get("precise_batches", 200)))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.from_dotlist(list(argv)))
+    except OmegaConfBaseException as e:  # an unknown key, a value of the wrong type
+        raise (hydra_error(e) or UserError(str(e))) from None
+    found = problems(cfg)
+    if (cfg.run_dir is None) == (cfg.ckpt is None):
+        found.append("give run_dir=<dir> or ckpt=<file> (one of them)")
+    if found:
+        raise UserError("; ".join(found))
+    return cfg
+
+
+def help_text() -> str:
+    codes = "\n".join(f"  {code:>3}  {what}" for code, what in cli.EXIT_STATUSES.items())
+    return (f"eval.py: test loss, top-1 and top-5 error of a saved run with every inference statistic its "
+            f"normalizer supports.\n\n  {USAGE}\n\nKeys (default values):\n"
+            + "\n".join(help_lines(OmegaConf.structured(EvalConfig))) + f"\n\nExit statuses:\n{codes}")
+
+
+def main(argv) -> int:
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return cli.EXIT_OK
+    PROGRAM[0] = "python eval.py"
+    cfg = parse(argv)
+    path = cfg.ckpt or os.path.join(cfg.run_dir, "checkpoint.pt")
+    if cfg.run_dir and not os.path.exists(path) and os.path.isfile(os.path.join(cfg.run_dir, "metrics.json")):
+        raise UserError(f"{cfg.run_dir} has no checkpoint.pt (sweeps delete the checkpoints of finished runs); "
+                        "its test errors are in its metrics.json")
+    report = evaluate_checkpoint(path, cfg.eval_stats, cfg.device, cfg.data.root, cfg.precise_batches)
+    from mbn.tracking import to_json
+
     print(to_json(report, indent=2))
-    return 0
+    return cli.EXIT_OK
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    cli.run(main, sys.argv[1:])

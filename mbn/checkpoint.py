@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from mbn import UserError
+from mbn.cli import environment_fault
 from mbn.naming import run_changing
 from mbn.tracking import fault_point, reason
 
@@ -63,6 +64,8 @@ def load_checkpoint(path: str, device="cpu") -> dict:
     move = f"move it away (mv {path} {path}.bad) to start this run over"
     try:
         state = torch.load(path, map_location=device, weights_only=False)
+    except PermissionError as e:  # the machine's, not a damaged file
+        raise environment_fault(e, "cannot read the checkpoint") from None
     except Exception as e:  # noqa: BLE001  (garbage or a cut-short file raises anything unpickling can)
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}: {reason(e)}); {move}") from None
     missing = [k for k in REQUIRED if not isinstance(state, dict) or k not in state]
@@ -82,8 +85,9 @@ def _flatten(d, prefix=""):
     return out
 
 
-def config_differences(saved: dict, current: dict):
-    """The settings that change a run and differ between a checkpoint's config and this one."""
+def config_differences(saved: dict, current: dict, saved_as: str = "checkpoint"):
+    """The settings that change a run and differ between a saved config (a checkpoint's, a
+    finished run's record) and this one."""
     a, b = _flatten(saved), _flatten(current)
-    return sorted(f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}"
+    return sorted(f"{k}: {saved_as} {a.get(k)!r} vs now {b.get(k)!r}"
                   for k in set(a) | set(b) if run_changing(k) and a.get(k) != b.get(k))

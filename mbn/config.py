@@ -51,8 +51,8 @@ class DataConfig:
     name: str = key(MISSING, "the dataset", OneOf(lambda: group_options("data")))
     num_classes: int = key(10, "the number of classes", count, Matches("data.name", CIFAR_CLASSES))
     input_norm: str = key("${oc.select:norm.input_norm,dataset}",
-                          "input scaling: dataset (standardize with the training set's channel mean/std) | bn "
-                          "([0, 1] images for the model's own input BN, norm=rbn); default: the norm's input_norm",
+                          "the input scaling (dataset: standardized with the training set's channel mean/std; bn: "
+                          "[0, 1] images for the model's own input BN, norm=rbn; default: the norm's input_norm)",
                           OneOf(["dataset", "bn"]), When("bn", "norm.input_norm"),
                           When("bn", "data.name", OneOf(["cifar10", "cifar100", "synthetic"])),
                           note="data.input_norm=dataset works with every dataset and normalizer")
@@ -103,28 +103,29 @@ class ScheduleConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = key("console", "where a run reports: console (progress bar) | wandb | none (epoch lines only)",
-                    OneOf(["console", "wandb", "none"]))
+    name: str = key("console", "the logger", OneOf(["console", "wandb", "none"]),
+                    note="console: a progress bar and epoch lines; wandb: also W&B; none: epoch lines only")
     project: str = key("mbn", "W&B project", Pattern(r".+", "a non-empty name"))
     entity: Optional[str] = key(None, "W&B entity (null: the key's default)")
-    mode: Optional[str] = key(None, "W&B mode; null: online with an API key (offline if the server does not "
-                                    "answer), else offline", OneOf(["online", "offline", "disabled"], optional=True))
+    mode: Optional[str] = key(None, "the W&B mode", OneOf(["online", "offline", "disabled"], optional=True),
+                              note="null: online with an API key (offline if the server does not answer), else "
+                                   "offline")
 
 
 @dataclass
 class TrainConfig:
     epochs: int = key(200, "the number of epochs", count, note="or set train.steps")
-    steps: Optional[int] = key(None, "the step budget: SGD steps, replaces train.epochs", optional(count))
+    steps: Optional[int] = key(None, "the step budget (SGD steps; replaces train.epochs)", optional(count))
     batch_size: int = key(128, "the batch size", count)
     eval_batch_size: int = key(1000, "the evaluation batch size", count)
     double_forward: bool = key(MISSING, "record statistics in a second forward after the step "
                                         "(default: the normalizer's)")
-    stop_after: Optional[int] = key(None, "end this invocation after N epochs (continue later)", optional(count))
+    stop_after: Optional[int] = key(None, "the epochs of this invocation (continue later)", optional(count))
     progress: bool = key(True, "show a progress bar")
-    time_limit: Optional[float] = key(None, "seconds: end this invocation at the last epoch boundary that fits, "
-                                            "with a checkpoint", optional(positive))
-    precise_batches: int = key(200, "PreciseBN at the end: training batches for test_err_precise", whole,
-                               note="0 turns it off")
+    time_limit: Optional[float] = key(None, "this invocation's time limit in seconds (it ends at the last epoch "
+                                            "boundary that fits, with a checkpoint)", optional(positive))
+    precise_batches: int = key(200, "the training batches PreciseBN averages over at the end (test_err_precise)",
+                               whole, note="0 turns it off")
 
 
 @dataclass
@@ -140,6 +141,9 @@ class PerfConfig:
                                              "machines (null: $MBN_COMPILE_CACHE, else torch's own)")
 
 
+DEVICE = Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N")
+
+
 @dataclass
 class Config:
     model: ModelConfig = MISSING
@@ -152,10 +156,10 @@ class Config:
     perf: PerfConfig = field(default_factory=PerfConfig)
     seed: int = key(0, "the seed", Range(0, 2**31, high_open=True, integer=True))
     deterministic: bool = key(False, "deterministic algorithms (slower on a GPU)")
-    device: str = key("auto", "the device", Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"))
-    resume: Optional[bool] = key(None, "null: continue a checkpoint or skip a finished run found in the run dir; "
-                                       "true: must continue; false: must start fresh")
-    name: str = key("default", "the experiment: runs/<name>/, the W&B group",
+    device: str = key("auto", "the device", DEVICE)
+    resume: Optional[bool] = key(None, "whether to continue the run dir's run", note="null: continue a checkpoint "
+                                 "or skip a finished run found in it; true: must continue; false: must start fresh")
+    name: str = key("default", "the experiment's name (runs/<name>/, the W&B group)",
                     Pattern(r"[^/\\]+", "a name without slashes"))
 
 
@@ -163,10 +167,18 @@ class Config:
 _LIGHT = ("dataclasses", "typing", "mbn.validate", "mbn.config", "__future__")
 
 
+def _literal(node) -> bool:
+    try:
+        ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return True
+
+
 def _declared_configs(path: str) -> Optional[dict]:
-    """{name: config dataclass} of one normalizer file, read without running it: its dataclasses and
-    their torch-free imports are executed on their own, the name is taken from its
-    `register("<name>", NormSpec(<Layer>, <Config>, ...))` line. None where that does not work (a
+    """{name: config dataclass} of one normalizer file, read without running it: its dataclasses,
+    their torch-free imports and its literal constants are executed on their own, the name is
+    taken from its `register("<name>", NormSpec(<Layer>, <Config>, ...))` line. None where that does not work (a
     config that uses something else of its module): the caller then imports the package."""
     tree = ast.parse(open(path).read(), path)
     keep, names = [], {}
@@ -176,6 +188,8 @@ def _declared_configs(path: str) -> Optional[dict]:
             if all(m and m.split(".")[0] in ("dataclasses", "typing", "__future__") or m in _LIGHT for m in modules):
                 keep.append(node)
         elif isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+            keep.append(node)
+        elif isinstance(node, ast.Assign) and _literal(node.value):  # a constant the config may name
             keep.append(node)
         elif (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
               and ast.unparse(node.value.func) == "register"):

@@ -4,9 +4,11 @@ The whole dataset lives as one uint8 tensor on the training device; shuffling, r
 (pad 4) and horizontal flip run there as tensor ops, seeded per epoch, so an epoch's batches
 are a pure function of (seed, epoch) and a resumed run sees exactly the same data.
 """
+import errno
 import math
 import os
 import pickle
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mbn import UserError
+from mbn.cli import environment_fault
 
 LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
@@ -29,6 +32,24 @@ class Split:
     labels: torch.Tensor  # (N,) int64
 
 
+def folder_exists(path: str, key: str = "data.root") -> bool:
+    """Whether the folder `path` exists; a path this user may not read, or a file where a folder
+    belongs, is said so (one line naming `key`), never reported as missing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        raise UserError(f"{key}: {path} runs through a file, not a folder; set {key}=<folder>") from None
+    except PermissionError as e:
+        raise environment_fault(e, f"cannot read {key}:") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{key}={path} is a file, not a folder; set {key} to the folder that holds the dataset")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise environment_fault(PermissionError(errno.EACCES, "Permission denied", path), f"cannot read {key}:")
+    return True
+
+
 def _read_pickles(folder, names, label_key, rebuild):
     images, labels = [], []
     for name in names:
@@ -38,6 +59,8 @@ def _read_pickles(folder, names, label_key, rebuild):
                 entry = pickle.load(f, encoding="latin1")
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(entry[label_key])
+        except PermissionError as e:  # the machine's, not a damaged file
+            raise environment_fault(e, "cannot read") from None
         except Exception as e:  # noqa: BLE001  (a cut-short or foreign file fails in many ways)
             text = str(e).strip().splitlines()
             raise UserError(f"{path} is unreadable ({type(e).__name__}{': ' + text[0] if text else ''}); "
@@ -51,7 +74,8 @@ def load_cifar(name: str, root: str, download: bool = False):
     folder_name, train_files, test_files, label_key = LAYOUT[name]
     folder = os.path.join(root, folder_name)
     expected = train_files + test_files
-    missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
+    present = folder_exists(root) and folder_exists(folder, "data.root")
+    missing = [f for f in expected if not present or not os.path.isfile(os.path.join(folder, f))]
     failed = None
     if missing and download:
         failed = _download(name, root)
@@ -72,13 +96,21 @@ def load_cifar(name: str, root: str, download: bool = False):
 
 
 def _download(name, root):
-    """torchvision's download; None on success, else why it failed (for the error message)."""
+    """torchvision's download; None on success, else why it failed (for the error message). It
+    creates data.root only where its parent exists (a mistyped path is not built), and removes it
+    again if the download failed and left it empty."""
     import torchvision
 
+    parent = os.path.dirname(os.path.abspath(root))
+    if not os.path.isdir(root) and not os.path.isdir(parent):
+        return f"data.root={root} does not exist, nor does {parent}/; create it or fix data.root"
+    created = not os.path.isdir(root)
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
     try:
         cls(root, train=True, download=True)
     except Exception as e:  # noqa: BLE001  (offline, proxy, disk: all end in the same advice)
+        if created and os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)
         text = str(e).strip().splitlines()
         return f"{type(e).__name__}{': ' + text[0] if text else ''}"
     return None

@@ -1,5 +1,5 @@
 """The training loop: build, resume, train epoch by epoch, evaluate, checkpoint, summarise."""
-import json
+import contextlib
 import math
 import os
 import time
@@ -14,7 +14,9 @@ from mbn.build import (autocast_for, make_model, make_optimizer, resolve_device,
                        set_schedule)
 from mbn.checkpoint import (CHECKPOINT, config_differences, load_checkpoint, rng_state, save_checkpoint,
                             set_rng_state)
+from mbn.cli import environment_fault
 from mbn.data import make_loaders
+from mbn.rundir import RunLock, finished_run
 from mbn.step import Evaluator, TrainStep, precise_data
 from mbn.tracking import (JsonlTracker, Tracker, Trackers, WandbTracker, plural, progress_postfix, run_record,
                           stop_if_diverged, write_json)
@@ -113,10 +115,12 @@ class Run:
         return out
 
 
-def fit(cfg, run_dir: str, overrides=()) -> dict:
+def fit(cfg, run_dir: str, overrides=(), on_start=None) -> dict:
     """Train as configured, writing everything into run_dir (rank 0 only). Returns the final
     summary, or the summary so far when train.stop_after, train.time_limit or SLURM's time-limit
-    signal (mbn.preempt) ends this invocation early."""
+    signal (mbn.preempt) ends this invocation early. Nothing is written before every check has
+    passed; then `on_start()` is called (train.py writes Hydra's .hydra/ files there). The run
+    dir is locked while the run uses it (mbn.rundir)."""
     started = time.perf_counter()
     validate(cfg)  # out-of-range values: one clear error before anything is written
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -130,7 +134,38 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
     if deadline and agreed(time.time() > float(deadline), world):  # a sweep job started after its time ran out
         print(f"skipping {run_dir}: the sweep's time limit has passed; rerun the sweep to continue")
         return {"finished": False}
-    os.makedirs(run_dir, exist_ok=True)
+    if lead:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+        except OSError as e:
+            raise environment_fault(e, "cannot create the run directory (hydra.run.dir):") from None
+    with RunLock(run_dir) if lead else contextlib.nullcontext():
+        done = agreed(finished_before(cfg, cfg_dict, run_dir) if lead else None, world)
+        if done is not None:
+            return done
+        return _fit(cfg, cfg_dict, run_dir, overrides, on_start, started, rank, world, device)
+
+
+def finished_before(cfg, cfg_dict, run_dir):
+    """The summary of the finished run in run_dir (nothing to do), None if there is none; a finished
+    run of another config, or resume=false, is refused. Its checkpoint is not needed."""
+    found = finished_run(run_dir)
+    if found is None:
+        return None
+    summary, trained_with = found
+    diff = config_differences(trained_with, cfg_dict, "finished run") if trained_with is not None else []
+    if diff:
+        raise UserError(f"{run_dir} holds a finished run of a different config, which is kept; choose another "
+                        "hydra.run.dir for this one. Differences: " + "; ".join(diff))
+    if cfg.resume is False:
+        raise UserError(f"{run_dir} holds a finished run, which is kept; resume=false needs a fresh directory: "
+                        "choose another hydra.run.dir")
+    print(f"{run_dir} already finished (its metrics.json); nothing to do")
+    return summary
+
+
+def _fit(cfg, cfg_dict, run_dir, overrides, on_start, started, rank, world, device) -> dict:
+    lead = rank == 0
     seed_everything(cfg.seed + rank, cfg.deterministic)  # data order is seeded separately, per epoch
     run = Run(cfg, device, rank, world)
     model, optimizer = run.model, run.optimizer
@@ -138,12 +173,10 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
     done_path = os.path.join(run_dir, "metrics.json")
     state = load_or_check(cfg, cfg_dict, run_dir, ckpt_path, device)
+    if lead and on_start is not None:
+        on_start()
     start_epoch, step, history, wandb_id = 0, 0, [], None
     if state is not None:
-        if os.path.isfile(done_path) and state["step"] >= run.total_steps:
-            print(f"{run_dir} already finished; nothing to do")
-            with open(done_path) as f:
-                return json.load(f)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
@@ -153,31 +186,38 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
 
     tracker, wandb_id = make_tracker(cfg, cfg_dict, run, run_dir, overrides, history, start_epoch, wandb_id) \
         if lead else (Tracker(), wandb_id)
-    show = lead and cfg.train.progress and cfg.logger.name != "none"
+    show = lead and cfg.train.progress and cfg.logger.name != "none"  # logger=none: the epoch lines only
+    if lead:
+        print(f"{'resuming' if start_epoch else 'training'} {cfg.model.name} with norm={cfg.norm.name} on "
+              f"{cfg.data.name} for {plural(run.num_epochs, 'epoch')}; run dir {run_dir}", flush=True)
     stopped_early, preempted = None, False  # the reason, if this invocation ends early
     for epoch in range(start_epoch, run.num_epochs):
         t0 = time.perf_counter()
-        steps = min(run.per_epoch, run.total_steps - step)
+        first_step, steps = step, min(run.per_epoch, run.total_steps - step)
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{run.num_epochs}", leave=False, dynamic_ncols=True) \
             if show else None
         step = run.train_epoch(epoch, step, steps, bar)
         if bar is not None:
             bar.close()
         train_loss, train_err, seen = epoch_metrics(run.step, steps * cfg.train.batch_size // world, world)
-        stop_if_diverged(train_loss, epoch + 1, step, run_dir if lead else None)  # before this epoch's checkpoint
         train_time = time.perf_counter() - t0
+        test = run.evaluate(key="default") if lead else None
+        # every loss the run computes, judged before this epoch's checkpoint (rank 0's test loss for all)
+        losses = agreed({"train_loss": train_loss, **({"test_loss": test["loss"]} if lead else {})}, world)
+        stop_if_diverged(losses, epoch + 1, step, run_dir if lead else None)
         if lead:
-            test = run.evaluate(key="default")
+            if tracker.wants_steps:  # per-step curves: one read of the epoch's device buffer
+                tracker.log_steps(first_step, *run.step.step_curves(steps))
             metrics = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                       **norms.scheduled_values(model), "train_loss": train_loss, "train_err": train_err,
+                       **{k: float(v) for k, v in norms.scheduled_values(model).items()},
+                       "train_loss": train_loss, "train_err": train_err,
                        "test_loss": test["loss"], "test_err": test["err"], "test_err5": test["err5"],
                        "epoch_time": train_time, "images_per_s": seen / train_time}
             history.append(metrics)
             tracker.log_epoch(metrics, step)
-            if cfg.logger.name != "none":
-                tqdm.write(f"epoch {epoch + 1}/{run.num_epochs}  train loss {train_loss:.4f} err {train_err:.2f}%  "
-                           f"test loss {test['loss']:.4f} err {test['err']:.2f}%  lr {metrics['lr']:.3g}  "
-                           f"{metrics['images_per_s']:.0f} img/s")
+            tqdm.write(f"epoch {epoch + 1}/{run.num_epochs}  train loss {train_loss:.4f} err {train_err:.2f}%  "
+                       f"test loss {test['loss']:.4f} err {test['err']:.2f}%  lr {metrics['lr']:.3g}  "
+                       f"{metrics['images_per_s']:.0f} img/s")
         save(run, ckpt_path, epoch, step, history, cfg_dict, wandb_id)
         epoch_wall = time.perf_counter() - t0
         reason = agreed(stop_reason(cfg, epoch + 1 - start_epoch, time.perf_counter() - started, epoch_wall), world)
@@ -186,7 +226,7 @@ def fit(cfg, run_dir: str, overrides=()) -> dict:
             preempted = preempt.stopping(reason)  # then train.py requeues the job
             if lead:
                 tqdm.write(f"stopping after epoch {epoch + 1} ({reason})"
-                           + ("" if preempted else "; continue with resume=true"))
+                           + ("" if preempted else f"; continue with: {preempt.same_command()}"))
             break
 
     if world > 1:

@@ -57,9 +57,11 @@ class LoaderBatches:
 def imagenet_loaders(cfg, device, rank=0, world=1, channels_last=False):
     from torchvision import datasets, transforms
 
+    from mbn.data import folder_exists
+
     root, size = cfg.data.root, cfg.data.image_size
     for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(root, split)):
+        if not (folder_exists(root) and folder_exists(os.path.join(root, split))):
             raise UserError(f"ImageNet not found: expected {os.path.join(root, split)}/<class>/<image> "
                             "(torchvision ImageFolder layout, e.g. train/n01440764/*.JPEG); set data.root=<dir>")
     normalize = transforms.Normalize(MEAN, STD)

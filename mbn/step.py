@@ -54,7 +54,9 @@ class TrainStep:
     """One SGD update on the next training batch. Single forward: the training forward records
     statistics. Double forward (Algorithm 1): train without recording, step, then record with a
     second no-grad forward of the same batch, so stored statistics come from the updated weights.
-    `loss_sum` and `errors` accumulate on the device until `reset()`.
+    `loss_sum` and `errors` accumulate on the device until `reset()`; so does the per-step curve
+    (`step_loss`, `step_errors`: one row per step of the epoch, written at the device counter
+    `index` — static shapes, no host read — and read once, by `step_curves`, at the epoch's end).
 
     `loss_fn(out, y)` is the mean loss; several models trained as one (mbn.stacked) give a loss
     per model, shape `per_model`, and train on their sum; the sums are then per model too."""
@@ -67,6 +69,10 @@ class TrainStep:
         device = batches.device
         self.loss_sum = torch.zeros(per_model, device=device, dtype=torch.float64)
         self.errors = torch.zeros(per_model, device=device, dtype=torch.long)
+        steps = len(batches) if hasattr(batches, "__len__") else 1  # a row per step of an epoch
+        self.step_loss = torch.zeros(steps, *per_model, device=device, dtype=torch.float64)
+        self.step_err = torch.zeros(steps, *per_model, device=device, dtype=torch.float64)
+        self.index = torch.zeros((), device=device, dtype=torch.long)
         self.replay = Replay(self.body, graph and batches.capturable)
 
     def body(self) -> None:
@@ -78,8 +84,14 @@ class TrainStep:
         loss.sum().backward()
         self.optimizer.step()
         # read the outputs before the second forward, which may reuse their memory
-        self.loss_sum += loss.detach().double() * y.size(0)
-        self.errors += (out.detach().argmax(-1) != y).sum(0)
+        mean_loss = loss.detach().double()
+        errors = (out.detach().argmax(-1) != y).sum(0)
+        self.loss_sum += mean_loss * y.size(0)
+        self.errors += errors
+        row = self.index.remainder(len(self.step_loss)).view(1)  # wraps instead of writing out of bounds
+        self.step_loss.index_copy_(0, row, mean_loss.unsqueeze(0))
+        self.step_err.index_copy_(0, row, (errors.double() / y.size(0)).unsqueeze(0))
+        self.index += 1
         if self.double_forward:
             with torch.no_grad(), recording(self.model, True), self.autocast():
                 self.forward(x)
@@ -90,6 +102,16 @@ class TrainStep:
     def reset(self) -> None:
         self.loss_sum.zero_()
         self.errors.zero_()
+        self.step_loss.zero_()
+        self.step_err.zero_()
+        self.index.zero_()
+
+    def step_curves(self, steps: int):
+        """The training loss and error (%) of each of the first `steps` steps since `reset()` (each
+        the mean over the step's batch; under DDP over this process's share of it), as host lists:
+        the one read of the buffers, at the epoch's end."""
+        rows = torch.stack([self.step_loss[:steps], 100.0 * self.step_err[:steps]]).cpu()
+        return rows[0].tolist(), rows[1].tolist()
 
 
 class Evaluator:

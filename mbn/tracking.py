@@ -13,6 +13,7 @@ import time
 import torch
 
 from mbn import UserError
+from mbn.cli import EXIT_DIVERGED, EnvironmentFault
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,39 +73,42 @@ def write_json(path: str, obj) -> None:
 
 # ------------------------------------------------------------------------------ divergence
 class Diverged(UserError):
-    """The training loss stopped being finite. Entry points exit with status 3."""
-    exit_code = 3
+    """A loss stopped being finite. Entry points exit with status 3."""
+    exit_code = EXIT_DIVERGED
 
 
-def stop_if_diverged(train_loss: float, epoch: int, step: int, run_dir=None) -> None:
-    """Called at the end of every epoch, before its checkpoint is written: a non-finite training
-    loss ends the run there, so the checkpoint of the last good epoch is the one kept. With
-    run_dir (rank 0), metrics.json records the divergence (status "diverged", not finished)."""
-    if math.isfinite(train_loss):
+def stop_if_diverged(losses: dict, epoch: int, step: int, run_dir=None) -> None:
+    """Called at the end of every epoch with every loss the run computed (train and test), before
+    the epoch's checkpoint is written: a non-finite one ends the run there, so the checkpoint of
+    the last good epoch is the one kept. With run_dir (rank 0), metrics.json records the
+    divergence (status "diverged", not finished)."""
+    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    if not bad:
         return
     if run_dir is not None:
         write_json(os.path.join(run_dir, "metrics.json"),
                    {"status": "diverged", "finished": False, "epoch": epoch, "step": step,
-                    "train_loss": train_loss, "last_good_epoch": epoch - 1})
+                    **losses, "last_good_epoch": epoch - 1})
     kept = f"the checkpoint of epoch {epoch - 1} is kept" if epoch > 1 else "no checkpoint was written"
-    raise Diverged(f"training diverged: the training loss of epoch {epoch} (up to step {step}) is {train_loss}; "
-                   f"{kept}. Start a new run (another hydra.run.dir) with a smaller optim.lr")
+    which = " and ".join(f"the {k.replace('_loss', '')} loss" for k in bad)
+    values = ", ".join(str(v) for v in bad.values())
+    raise Diverged(f"training diverged: {which} of epoch {epoch} (up to step {step}) {'is' if len(bad) == 1 else 'are'} "
+                   f"{values}; {kept}. Start a new run (another hydra.run.dir) with a smaller optim.lr "
+                   "(or optim.weight_decay)")
 
 
 # ------------------------------------------------------------------------------ console
-SYMBOLS = {"lam": "λ"}
-
-
 def progress_postfix(lr: float, scheduled: dict, loss=None, err=None) -> dict:
     """The progress bar's postfix: running loss and error when known, the current lr and every
-    scheduled normalizer value (λ, r_max, d_max), e.g. {"loss": "2.301", "lr": "0.1", "λ": "0.5"}."""
+    scheduled normalizer value under the name its normalizer gives it (`mbn.norms.Scheduled`:
+    λ, r_max, ...), e.g. {"loss": "2.301", "lr": "0.1", "λ": "0.5"}."""
     out = {}
     if loss is not None:
         out["loss"] = f"{loss:.3f}"
     if err is not None:
         out["err"] = f"{err:.1f}"
     out["lr"] = f"{lr:.3g}"
-    out.update({SYMBOLS.get(k, k): f"{v:.3g}" for k, v in scheduled.items()})
+    out.update({getattr(v, "label", None) or k: f"{v:.3g}" for k, v in scheduled.items()})
     return out
 
 
@@ -174,8 +178,13 @@ def run_record(cfg_dict: dict, overrides, device: torch.device) -> dict:
 class Tracker:
     """Interface the training loop talks to."""
 
+    wants_steps = False  # True: log_steps gets the epoch's per-step training loss and error
+
     def log_epoch(self, metrics: dict, step: int) -> None:
         pass
+
+    def log_steps(self, first_step: int, losses, errors) -> None:
+        """The per-step training loss and error (%) of steps first_step + 1, first_step + 2, ..."""
 
     def finish(self, summary: dict) -> None:
         pass
@@ -201,36 +210,89 @@ class JsonlTracker(Tracker):
             raise write_error(self.path, e) from None
 
 
-WANDB_NAMES = {"train_loss": "train/loss", "train_err": "train/err", "test_loss": "test/loss", "test_err": "test/err",
-               "test_err5": "test/err5", "lr": "hparams/lr", "lam": "hparams/lam", "r_max": "hparams/r_max",
-               "d_max": "hparams/d_max", "epoch_time": "perf/epoch_time", "images_per_s": "perf/images_per_s"}
+# W&B names of the epoch metrics; any other value of an epoch line is a normalizer's scheduled
+# hyper-parameter (λ, r_max, ...: mbn.norms.scheduled_values), logged as hparams/<key>
+WANDB_NAMES = {"epoch": "epoch", "step": "step", "train_loss": "train/loss", "train_err": "train/err",
+               "test_loss": "test/loss", "test_err": "test/err", "test_err5": "test/err5", "lr": "hparams/lr",
+               "epoch_time": "perf/epoch_time", "images_per_s": "perf/images_per_s"}
+PROBE_TIMEOUT_S = 3.0
+
+
+def wandb_name(key: str) -> str:
+    return WANDB_NAMES.get(key, f"hparams/{key}")
+
+
+def wandb_server_error(timeout: float = PROBE_TIMEOUT_S):
+    """None if W&B's server ($WANDB_BASE_URL, else api.wandb.ai) accepts a connection within
+    `timeout` seconds, else why not (wandb.init itself would retry for minutes)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port} does not answer ({reason(e) if not isinstance(e, socket.timeout) else 'timed out'})"
+    return None
 
 
 class WandbTracker(Tracker):
+    """One W&B run per training run. Online needs the server: it is probed first (a few seconds);
+    without an answer a run whose mode was chosen automatically (an API key is configured) logs
+    offline, saying so, and an explicit logger.mode=online ends in one line."""
+
+    wants_steps = True
+
     def __init__(self, cfg, cfg_dict, record, run_dir, overrides, resume_id=None):
         import wandb  # only with logger=wandb
 
         mode = cfg.logger.mode or os.environ.get("WANDB_MODE")
+        chosen = mode is not None
         if mode is None:
             mode = "online" if (os.environ.get("WANDB_API_KEY") or _has_netrc_key()) else "offline"
+        if mode == "online":
+            unreachable = wandb_server_error()
+            if unreachable and chosen:
+                raise EnvironmentFault(f"W&B server {unreachable} and logger.mode=online; log offline with "
+                                       "logger.mode=offline (upload later with wandb sync) or check the network")
+            if unreachable:
+                mode = "offline"
+                print(f"W&B server {unreachable}: logging offline into {run_dir}/wandb/; upload later with "
+                      f"`wandb sync {run_dir}/wandb/offline-run-*`", flush=True)
         tags = [cfg.model.name, cfg.norm.name, cfg.data.name, f"bs{cfg.train.batch_size}"]
-        self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode,
-                              dir=run_dir, config=cfg_dict, group=cfg.name, tags=tags,
-                              name=run_name(overrides) or cfg.name, id=resume_id,
-                              resume="allow" if resume_id else None, reinit="finish_previous")
+        try:
+            self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode,
+                                  dir=run_dir, config=cfg_dict, group=cfg.name, tags=tags,
+                                  name=run_name(overrides) or cfg.name, id=resume_id,
+                                  resume="allow" if resume_id else None, reinit="finish_previous",
+                                  settings=wandb.Settings(init_timeout=30))
+        except wandb.errors.Error as e:  # the server answered, but not with a run (key, entity, timeout)
+            raise EnvironmentFault(f"W&B could not start the run ({reason(e)}); check logger.entity/project and "
+                                   "the API key, or log offline with logger.mode=offline") from None
         self.run.summary["run_record"] = record
         self.id = self.run.id
-        # epoch curves plot against the epoch, so runs of different batch sizes line up
+        # epoch curves plot against the epoch, so runs of different batch sizes line up; the
+        # per-step training curves against the global step
         self.run.define_metric("epoch")
         for prefix in ("train/*", "test/*", "hparams/*"):
             self.run.define_metric(prefix, step_metric="epoch")
+        self.run.define_metric("global_step")
+        self.run.define_metric("step/*", step_metric="global_step")
+
+    def log_steps(self, first_step, losses, errors):
+        for i, (loss, err) in enumerate(zip(losses, errors)):
+            s = first_step + i + 1
+            self.run.log({"global_step": s, "step/train_loss": loss, "step/train_err": err}, step=s)
 
     def log_epoch(self, metrics, step):
-        self.run.log({WANDB_NAMES.get(k, k): v for k, v in metrics.items()}, step=step)
+        self.epoch_keys = set(metrics)
+        self.run.log({wandb_name(k): v for k, v in metrics.items()}, step=step)
 
     def finish(self, summary):
-        for k, v in summary.items():
-            self.run.summary[WANDB_NAMES.get(k, k)] = v
+        keys = getattr(self, "epoch_keys", WANDB_NAMES)
+        for k, v in summary.items():  # the last epoch's values under their curve names, the rest as they are
+            self.run.summary[wandb_name(k) if k in keys else k] = v
         self.run.finish()
 
 
@@ -249,10 +311,16 @@ def _has_netrc_key():
 class Trackers(Tracker):
     def __init__(self, trackers):
         self.trackers = trackers
+        self.wants_steps = any(t.wants_steps for t in trackers)
 
     def log_epoch(self, metrics, step):
         for t in self.trackers:
             t.log_epoch(metrics, step)
+
+    def log_steps(self, first_step, losses, errors):
+        for t in self.trackers:
+            if t.wants_steps:
+                t.log_steps(first_step, losses, errors)
 
     def finish(self, summary):
         for t in self.trackers:

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Optional, Tuple
 
@@ -19,6 +20,11 @@ from omegaconf.errors import OmegaConfBaseException
 from mbn import UserError
 
 _ABSENT = object()
+PROGRAM = ["python train.py"]  # named in the hint of an unknown key (eval.py sets its own)
+
+
+def _num(x) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 def _number(v) -> bool:
@@ -54,11 +60,11 @@ class Range:
         null = "null or " if self.optional else ""
         if self.low is not None and self.high is not None:
             lo, hi = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            return f"{null}{kind} in {lo}{self.low:g}, {self.high:g}{hi}"
+            return f"{null}{kind} in {lo}{_num(self.low)}, {_num(self.high)}{hi}"
         if self.low is not None:
-            return f"{null}{kind} {'>' if self.low_open else '>='} {self.low:g}"
+            return f"{null}{kind} {'>' if self.low_open else '>='} {_num(self.low)}"
         if self.high is not None:
-            return f"{null}{kind} {'<' if self.high_open else '<='} {self.high:g}"
+            return f"{null}{kind} {'<' if self.high_open else '<='} {_num(self.high)}"
         return f"{null}{kind}"
 
 
@@ -84,12 +90,13 @@ class Pattern:
     """A string matching `regex` (fully), described by `text`."""
     regex: str
     text: str
+    optional: bool = False
 
     def ok(self, v) -> bool:
-        return isinstance(v, str) and re.fullmatch(self.regex, v) is not None
+        return (v is None and self.optional) or isinstance(v, str) and re.fullmatch(self.regex, v) is not None
 
     def describe(self) -> str:
-        return self.text
+        return ("null or " if self.optional else "") + self.text
 
 
 @dataclass(frozen=True)
@@ -276,10 +283,16 @@ def origin_of(dotted: str) -> str:
         node = (OmegaConf.select(cfg, parent) if parent else cfg)._get_node(name)
     except (AttributeError, KeyError, OmegaConfBaseException):
         return ""
-    if node is not None and node._is_interpolation():
-        m = re.match(r"\$\{(?:oc\.select:)?([\w.]+)", str(node._value()))
-        return f", from {m.group(1)}" if m else f", from {node._value()}"
-    return ""
+    source = origin_of_node(node)
+    return f", from {source}" if source else ""
+
+
+def origin_of_node(node) -> str:
+    """The key a node's value is interpolated from ("" if it is a value of its own)."""
+    if node is None or not node._is_interpolation():
+        return ""
+    m = re.match(r"\$\{(?:oc\.select:)?([\w.]+)", str(node._value()))
+    return m.group(1) if m else str(node._value())
 
 
 def _value(cfg, dotted):
@@ -295,6 +308,8 @@ def closest(name: str, candidates) -> str:
 
 def _shown(v) -> str:
     """A value as it is written on the command line."""
+    if isinstance(v, list):
+        return "[" + ",".join(_shown(x) for x in v) + "]"
     return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
@@ -310,7 +325,7 @@ def _walk(cfg, node, prefix, found):
             raw = node._get_node(name)._value()
             siblings = [f"{prefix}{f}" for f in fields]
             found.append(f"{dotted}={_shown(raw)}: unknown key{closest(dotted, siblings)} "
-                         "(python train.py --help lists the keys)")
+                         f"({PROGRAM[0]} --help lists the keys)")
             continue
         child = node._get_node(name)
         if isinstance(child, DictConfig):
@@ -382,9 +397,11 @@ def validate(cfg) -> None:
 
 
 # ------------------------------------------------------------------ help from the declarations
-def describe_key(dotted: str, value, decl: Optional[Key]) -> str:
+HELP_WIDTH = 110
+
+def describe_key(dotted: str, value, decl: Optional[Key], follows: str = "") -> str:
     """`  optim.lr=0.1   the learning rate; a number > 0 (the paper's is 0.1)`"""
-    text = decl.what if decl else ""
+    text = (decl.what if decl else "") + follows
     if decl and decl.rule is not None:
         text += f"; {decl.rule.describe()}"
     for rel in decl.relations if decl else ():
@@ -392,7 +409,9 @@ def describe_key(dotted: str, value, decl: Optional[Key]) -> str:
     if decl and decl.note:
         text += f" ({decl.note})"
     left = f"  {dotted}={_shown(value)}"
-    return f"{left:<34} {text}".rstrip() if len(left) < 34 else f"{left}\n{'':<34} {text}".rstrip()
+    lines = textwrap.wrap(text, width=HELP_WIDTH - 35) or [""]
+    first = f"{left:<34} {lines[0]}" if len(left) < 34 else f"{left}\n{'':<34} {lines[0]}"
+    return "\n".join([first.rstrip()] + [f"{'':<34} {line}" for line in lines[1:]])
 
 
 def help_lines(cfg, prefix: str = "", node=None) -> list:
@@ -412,7 +431,8 @@ def help_lines(cfg, prefix: str = "", node=None) -> list:
             value = _value(cfg, dotted)
         except OmegaConfBaseException:
             value = child._value()
-        lines.append(describe_key(dotted, value, fields[name]))
+        source = origin_of_node(child)
+        lines.append(describe_key(dotted, value, fields[name], f" (follows {source})" if source else ""))
     return lines
 
 
@@ -437,9 +457,11 @@ def hydra_error(e: BaseException) -> Optional[UserError]:
             prefix = full_key.rpartition(".")[0]
             siblings = [f"{prefix}.{f.name}" if prefix else f.name for f in dataclasses.fields(typ)]
             return UserError(f"{full_key}: unknown key{closest(full_key, siblings)} "
-                             "(python train.py --help lists the keys)")
+                             f"({PROGRAM[0]} --help lists the keys)")
         where = f"{full_key}: " if full_key else ""
-        return UserError(f"{where}{text}".replace("\n", " "))
+        decl = schema_keys(typ).get(full_key.rpartition(".")[2]) if full_key and dataclasses.is_dataclass(typ) else None
+        what = f" ({decl.what}: {decl.rule.describe()})" if decl is not None and decl.rule is not None else ""
+        return UserError(f"{where}{text}{what}".replace("\n", " "))
     if isinstance(e, OverrideParseException):
         return UserError(f"cannot read the override: {first_line(e)} (overrides are key=value; quote lists: "
                          "'norm.lam=[0.1,0.5]')")
@@ -456,9 +478,16 @@ except ImportError:  # pragma: no cover
 class Preflight(Callback):
     """Checks a single run's composed config before Hydra creates its run directory, and creates
     that directory itself so that a location it cannot write is named with its key
-    (configs/train.yaml registers it in hydra.callbacks)."""
+    (configs/train.yaml registers it in hydra.callbacks). Hydra turns a callback's exceptions into
+    warnings, so a refusal ends the process here (mbn.cli.guarded: one line, SystemExit)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from mbn.cli import guarded
+
+        guarded(self.check, config)
+
+    @staticmethod
+    def check(config) -> None:
         import os
 
         from mbn.cli import environment_fault

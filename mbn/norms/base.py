@@ -6,7 +6,8 @@ this file (`recording`, `set_progress`, `scheduled_values`, `inference_stats`,
 What a normalizer may declare:
 - `record` (flipped by `recording`): whether a train-mode forward stores statistics (running
   averages, memory). A forward that does not record still normalizes exactly as in training.
-- `set_progress(p)` / `scheduled_values()`: hyper-parameters scheduled over training (λ, r_max).
+- `set_progress(p)` / `scheduled_values()`: hyper-parameters scheduled over training (λ, r_max),
+  each a `Scheduled` number that carries the name the console shows (the logs use the key).
 - `inference_modes`: the statistics it can infer with, default first ("memory", "running").
 - `bind_conv(conv)`: receives the convolution that produces its input (module order).
 - `precise_begin()` / `precise_end()`: PreciseBN support (statistics recomputed with frozen weights).
@@ -90,6 +91,16 @@ def check_batch(layer: nn.Module, x: torch.Tensor) -> int:
     return n
 
 
+class Scheduled(float):
+    """A scheduled hyper-parameter's current value (a float) with the name the console shows for
+    it, e.g. Scheduled(0.5, "λ") for MBN's `lam`."""
+
+    def __new__(cls, value: float, label: str = None):
+        out = super().__new__(cls, value)
+        out.label = label
+        return out
+
+
 class Normalizer(nn.Module):
     """Base of every normalizer. Defaults describe a layer with no statistics (GroupNorm, NormProp)."""
 
@@ -103,7 +114,8 @@ class Normalizer(nn.Module):
         """Called before every training step with the fraction of training done."""
 
     def scheduled_values(self) -> Dict[str, float]:
-        """The current values of scheduled hyper-parameters, for the logs (host values, no sync)."""
+        """The current values of scheduled hyper-parameters, for the logs (host values, no sync):
+        {key: value}, a value a `Scheduled` where the console should show another name than the key."""
         return {}
 
     def set_inference(self, which: str) -> None:

@@ -98,7 +98,7 @@ class BRNConfig(NormConfig):
     momentum: float = key(0.01, "BRN's rate α of the moving averages", unit)
     r_max: float = key(3.0, "BRN's r_max (reached at r_max_end)", Range(1))
     d_max: float = key(5.0, "BRN's d_max (reached at d_max_end)", nonnegative)
-    relax_start: float = key(0.064, "BRN's relax_start: r_max = 1, d_max = 0 until this fraction of training", unit)
+    relax_start: float = key(0.064, "BRN's relax_start (r_max = 1, d_max = 0 until this fraction of training)", unit)
     r_max_end: float = key(0.512, "BRN's r_max_end (a fraction of training)", unit)
     d_max_end: float = key(0.32, "BRN's d_max_end (a fraction of training)", unit)
 

@@ -253,8 +253,8 @@ class CBNConfig(NormConfig):
     """Cross-Iteration Batch Normalization (Yao et al. 2021); single forward"""
     name: str = "cbn"
     double_forward: bool = False
-    window: int = key(4, "CBN's window k, including the current batch", count, note="the paper's is 4")
-    burnin: float = key(0.0, "CBN's burn-in: the fraction of training spent as plain BN", unit,
+    window: int = key(4, "CBN's window k (including the current batch)", count, note="the paper's is 4")
+    burnin: float = key(0.0, "CBN's burn-in (the fraction of training spent as plain BN)", unit,
                         note="configs/norm/cbn.yaml: the first lr decay")
     rho: float = key(1.0, "CBN's compensation scale (0: naive CBN)", nonnegative)
     official: bool = key(False, "the official code's drop rule, ε outside sqrt, unbiased BN-path variance")

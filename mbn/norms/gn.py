@@ -46,7 +46,7 @@ class GNConfig(NormConfig):
     """Group Normalization (Wu & He 2018); no batch statistics"""
     name: str = "gn"
     double_forward: bool = False   # nothing to record
-    groups: int = key(32, "GN's G; where it does not divide C: the largest divisor of C below it", count,
+    groups: int = key(32, "GN's group count G (where it does not divide C: the largest divisor of C below it)", count,
                       note="the paper's is 32")
 
 

@@ -193,13 +193,14 @@ class MABNConfig(NormConfig):
     """Moving Average Batch Normalization (Yan et al. 2020); single forward"""
     name: str = "mabn"
     double_forward: bool = False    # the paper has none
-    buffer_size: int = key(16, "MABN's S: steps in the SMAs of ⟨x²⟩ and Ψ", count,
+    buffer_size: int = key(16, "MABN's S (steps in the SMAs of ⟨x²⟩ and Ψ)", count,
                            note="official: real_B / B = 32 / 2 = 16")
-    momentum: float = key(0.98, "MABN's α: weight of the OLD value in R ← α·R + (1−α)·v", unit,
+    momentum: float = key(0.98, "MABN's α (weight of the OLD value in R ← α·R + (1−α)·v)", unit,
                           note="the official value is 0.98")
-    warmup_iters: int = key(100, "MABN: batch statistics while t < warmup_iters or t <= buffer_size (steps)", whole)
-    renorm_start: int = key(1000, "MABN: r = 1 while t <= max(renorm_start, warmup_iters) (steps)", whole)
-    r_max: float = key(5.0, "MABN's r_max: r clipped to [1/r_max, r_max]", Range(1), note="the official value is 5")
+    warmup_iters: int = key(100, "MABN's warm-up steps (batch statistics while t < warmup_iters or t <= S)", whole)
+    renorm_start: int = key(1000, "MABN's renormalization start (r = 1 while t <= max(renorm_start, warmup_iters))",
+                            whole)
+    r_max: float = key(5.0, "MABN's r_max (r clipped to [1/r_max, r_max])", Range(1), note="the official value is 5")
     weight_centralization: bool = key(True, "weight-centralised convs (false: plain convs, the ablation)")
     # the double-forward record pass (spec §2.9, a proposal): recompute (⟨x²⟩ and R from the updated
     # weights, t and P untouched) | noop (the step's forward updates R, the record pass nothing)

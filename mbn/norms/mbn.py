@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from mbn import UserError
 from mbn.norms.base import (BatchStatNorm, StatsMemory, channel_dims, channel_stats, channel_view, check_batch,
-                            combine_stats, distributed, scale_shift)
+                            Scheduled, combine_stats, distributed, scale_shift)
 from mbn.norms.brn import renorm_stats
 from mbn.norms.registry import NormConfig, NormSpec, register
 from mbn.schedules import piecewise
@@ -115,7 +115,7 @@ class MemorizedBatchNorm2d(BatchStatNorm):
             self._lam_set = lam
 
     def scheduled_values(self):
-        return {"lam": self.lam_values[0] if self._lam_set is None else self._lam_set}
+        return {"lam": Scheduled(self.lam_values[0] if self._lam_set is None else self._lam_set, "λ")}
 
     def alpha(self, age: torch.Tensor) -> torch.Tensor:
         """α of a memory slot recorded `age` batches before the current one (age 0 = newest)."""
@@ -196,12 +196,12 @@ class MBNConfig(NormConfig):
                            note="the paper's are [0.1, 0.5, 0.9]")
     lam_milestones: List[float] = key([0.4, 0.6], "λ's milestones", fractions)
     momentum: float = key(0.1, "the rate of the BN-style running averages", unit)
-    eval_stats: str = key("memory", "inference statistics: memory (the paper's rule; running averages where "
-                                    "λ = 0 throughout) | running", OneOf(["memory", "running"]))
-    newest_weight: str = key("lam", "the newest slot's weight: lam (eq. 8) | one (the sentence before eq. 8)",
-                             OneOf(["lam", "one"]))
-    grad: str = key("current", "gradient: current (the paper: through the current batch) | renorm (BN's, the "
-                               "memory as Batch-Renorm r, d)", OneOf(["current", "renorm"]))
+    eval_stats: str = key("memory", "MBN's inference statistics", OneOf(["memory", "running"]),
+                          note="memory: the paper's rule (running averages where λ = 0 throughout)")
+    newest_weight: str = key("lam", "the newest slot's weight", OneOf(["lam", "one"]),
+                             note="lam: eq. 8; one: the sentence before eq. 8")
+    grad: str = key("current", "MBN's gradient", OneOf(["current", "renorm"]),
+                    note="current: the paper's, through the current batch; renorm: BN's, the memory as r, d")
 
 
 register("mbn", NormSpec(

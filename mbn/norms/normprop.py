@@ -138,7 +138,7 @@ def set_filter_lengths(layers, length: float) -> None:
 class NormPropConfig(NormConfig):
     """Normalization Propagation (Arpit et al. 2016); plain networks only (nin, vgg16)"""
     name: str = "normprop"
-    const: float = key(1.21, "NormProp's constant: outputs are divided by it", positive,
+    const: float = key(1.21, "NormProp's constant (outputs are divided by it)", positive,
                        note="Arpit et al. 2016: γ starts at 1/1.21")
     eps: float = 1e-8
     filter_norm: float = key(10.0, "NormProp's initial filter length ‖W_i‖ (its direction's step size), "

@@ -91,11 +91,11 @@ class RBNConfig(NormConfig):
     momentum: float = key(0.1, "the running-average rate", unit)
     gamma_init: float = key(0.1, "Revisiting-BN's initial γ of every BN", positive, note="the paper's is 0.1")
     # the official code ignores c <= 1, we apply it
-    gamma_lr_div: float = key(100.0, "Revisiting-BN's c: γ's lr = lr / c", positive, note="the paper's is 100")
+    gamma_lr_div: float = key(100.0, "Revisiting-BN's c (γ's lr = lr / c)", positive, note="the paper's is 100")
     norm_weight_decay: float = key(0.0, "weight decay of every γ, β and bias", nonnegative, note="the paper: none")
     sigma_act: float = key(0.58, "the input BN's γ = gamma_init·sigma_act", positive)
-    input_norm: str = key("bn", "the default of data.input_norm (which decides): bn (the paper: [0, 1] images, "
-                                "an input BN) | dataset", OneOf(["bn", "dataset"]))
+    input_norm: str = key("bn", "the default of data.input_norm (which decides)", OneOf(["bn", "dataset"]),
+                          note="bn: the paper's [0, 1] images and an input BN")
 
 
 def _kwargs(c):
