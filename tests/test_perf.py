@@ -68,8 +68,8 @@ def test_channels_last_gives_the_same_training_in_float64(norm):
 
 
 @pytest.mark.parametrize("double_forward", [False, True])
-def test_compiled_train_step_equals_eager_in_float64(double_forward):
-    """The compiled step computes the same function: two MBN steps of ResNet-20 (memory pushes,
+def test_compiled_train_step_equals_eager_in_float64(double_forward, resnet8):
+    """The compiled step computes the same function: two MBN steps of ResNet-8 (memory pushes,
     λ buffer, double forward) agree with eager to float64 round-off. (In float32 the two differ
     by ordinary round-off, amplified by BN's backward, ~1e-2 of a gradient's scale.)"""
     import copy
@@ -101,23 +101,28 @@ def test_compiled_training_runs_end_to_end(tmp_path):
     assert compiled["history"][0]["train_loss"] == pytest.approx(exact["history"][0]["train_loss"], rel=1e-3)
 
 
-def test_bf16_autocast_keeps_statistics_in_fp32(tmp_path):
+def test_bf16_autocast_keeps_statistics_in_fp32(tmp_path, resnet8):
     exact = run(tmp_path, "exact", [])
     bf16 = run(tmp_path, "bf16", ["perf.precision=bf16"])
     assert all(v.dtype in (torch.float32, torch.long) for k, v in bf16["model"].items() if "memory." in k or "running" in k)
     assert bf16["history"][0]["train_loss"] == pytest.approx(exact["history"][0]["train_loss"], rel=0.05)
 
 
-def test_bench_runs_on_cpu_and_writes_its_table(tmp_path):
+def test_bench_runs_on_cpu_and_writes_its_table(tmp_path, capsys):
+    import importlib.util  # in this process: a subprocess would cost seconds of imports
+
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(REPO, "scripts", "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     out = tmp_path / "bench.md"
-    r = run_cli("scripts/bench.py", "--tiny", "--device", "cpu", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    assert bench.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
     text = out.read_text()
     for key in "abcde":
         assert text.count(f"| ({key}) ") == 2  # two batch sizes
     assert "torch " + torch.__version__ in text and "commit" in text
-    r = run_cli("scripts/bench.py", "--tiny", "--device", "cpu", "--only", "a", "b", "--json")
-    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    capsys.readouterr()
+    assert bench.main(["--tiny", "--device", "cpu", "--only", "a", "b", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [row["key"] for row in rows] == ["a", "b", "a", "b"] and all(row["images_per_s"] > 0 for row in rows)
 
 

@@ -28,10 +28,12 @@ JOB = "4242"
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
+    """The uninterrupted run, in this process (the same numbers as train.py's: the same thread count)."""
+    from mbn.engine import fit
+    from tests.conftest import make_cfg
+
     run_dir = tmp_path_factory.mktemp("straight")
-    r = subprocess.run([sys.executable, "train.py", *RUN, f"hydra.run.dir={run_dir}"], cwd=REPO, env=clean_env(),
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr
+    fit(make_cfg(RUN), str(run_dir))
     return run_dir
 
 
