@@ -137,35 +137,33 @@ def test_train_step_loss_and_error_sums_equal_hand_sgd(double_forward):
 
 # ------------------------------------------------------------------ the loop's reports, end to end
 class Spy:
-    """Watches a `fit`: every batch the loop draws, every output its model gives (grouped into
-    training forwards and one list per evaluation), and stopwatch marks around each epoch's
-    training, each evaluation and each checkpoint."""
+    """Watches a `fit` through mbn.step and mbn.data alone: every batch the loop draws, every output
+    its model gives (training forwards, and one list per evaluation), and stopwatch marks around
+    every training step and every evaluation."""
 
     def __init__(self, mp):
         self.batches, self.train, self.evaluations = {}, [], []
-        self.marks = {"train": [], "evaluate": [], "saved": []}
-        next_batch, evaluate, train_epoch, save = Batches.next_batch, Evaluator.__call__, engine.Run.train_epoch, \
-            engine.save
+        self.steps, self.evaluated = [], []  # (start, end) of each step() and each evaluation
+        next_batch, evaluate, step = Batches.next_batch, Evaluator.__call__, TrainStep.__call__
 
         def spy_next_batch(batches):
             x, y, valid = next_batch(batches)
             self.batches[id(x)] = (x, y, valid)  # x is kept: its id stays unique
             return x, y, valid
 
-        def spy_evaluate(ev, *args, **kwargs):
-            self.marks["evaluate"].append(time.perf_counter())
-            self.evaluations.append([])
-            return evaluate(ev, *args, **kwargs)
+        def timed(call, marks):
+            def wrapper(*args, **kwargs):
+                t0 = time.perf_counter()
+                out = call(*args, **kwargs)
+                marks.append((t0, time.perf_counter()))
+                return out
+            return wrapper
 
-        def spy_train_epoch(run, *args, **kwargs):
-            t0 = time.perf_counter()
-            out = train_epoch(run, *args, **kwargs)
-            self.marks["train"].append((t0, time.perf_counter()))
-            return out
+        timed_evaluate = timed(evaluate, self.evaluated)
 
-        def spy_save(*args, **kwargs):
-            save(*args, **kwargs)
-            self.marks["saved"].append(time.perf_counter())
+        def spy_evaluate(*args, **kwargs):
+            self.evaluations.append([])  # the outputs of this evaluation go here
+            return timed_evaluate(*args, **kwargs)
 
         def spy_make_model(cfg):
             model = make_model(cfg)
@@ -174,8 +172,7 @@ class Spy:
 
         mp.setattr(Batches, "next_batch", spy_next_batch)
         mp.setattr(Evaluator, "__call__", spy_evaluate)
-        mp.setattr(engine.Run, "train_epoch", spy_train_epoch)
-        mp.setattr(engine, "save", spy_save)
+        mp.setattr(TrainStep, "__call__", timed(step, self.steps))
         mp.setattr(engine, "make_model", spy_make_model)
 
     def hook(self, module, args, out):
@@ -202,9 +199,8 @@ def mbn_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("values")
     with pytest.MonkeyPatch.context() as mp:
         spy = Spy(mp)
-        started = time.perf_counter()
+        spy.started = time.perf_counter()
         summary = engine.fit(make_cfg(MBN_RUN), str(run_dir))
-        spy.marks["fit"] = started
     history = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     return summary, history, spy, run_dir
 
@@ -302,15 +298,14 @@ def test_eval_py_reports_the_reference_models_loss_top1_and_top5(mbn_run, refere
 
 
 def test_epoch_time_and_images_per_second_lie_within_stopwatch_bounds(mbn_run):
-    """An epoch's time covers its training steps (at least the stopwatch around them) and ends
-    before its evaluation starts (and began after the previous epoch's checkpoint); images/s is
-    the epoch's 64 images over that time; wall_time is the sum."""
+    """An epoch's time covers its two training steps (at least the stopwatch around them) and lies
+    between the previous evaluation's end (or the start of fit) and its own evaluation's start;
+    images/s is the epoch's 64 images over that time; wall_time is the sum."""
     summary, history, spy, _ = mbn_run
-    marks = spy.marks
     for e, h in enumerate(history):
-        start, end = marks["train"][e]
-        began = marks["saved"][e - 1] if e else marks["fit"]
-        assert end - start <= h["epoch_time"] <= marks["evaluate"][e] - began
+        steps = spy.steps[2 * e:2 * e + 2]
+        began = spy.evaluated[e - 1][1] if e else spy.started
+        assert sum(end - start for start, end in steps) <= h["epoch_time"] <= spy.evaluated[e][0] - began
         assert h["images_per_s"] == pytest.approx(64 / h["epoch_time"], rel=1e-9)
     assert summary["wall_time"] == pytest.approx(sum(h["epoch_time"] for h in history), rel=1e-12)
 
