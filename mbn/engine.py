@@ -152,8 +152,12 @@ def finished_before(cfg, cfg_dict, run_dir):
     found = finished_run(run_dir)
     if found is None:
         return None
-    summary, trained_with = found
-    diff = config_differences(trained_with, cfg_dict, "finished run") if trained_with is not None else []
+    summary, record = found
+    diff = []
+    if record and record.get("config"):  # read as the tables read it: keys added since take their defaults
+        from mbn.results.configs import filled_identity
+
+        diff = config_differences(filled_identity(record), cfg_dict, "finished run")
     if diff:
         raise UserError(f"{run_dir} holds a finished run of a different config, which is kept; choose another "
                         "hydra.run.dir for this one. Differences: " + "; ".join(diff))

@@ -6,7 +6,8 @@
   is taken over. Created with O_EXCL, so two runs starting at once cannot both get it.
 - `finished_run`: a run is finished when its metrics.json says so; the checkpoint is not needed
   (sweeps delete the checkpoints of finished runs, committed runs in results/ have none), and the
-  config it was trained with is read from its run record.
+  config it was trained with is read from its run record (keys added since take the values the
+  tables give them: mbn.results.configs.filled_identity).
 """
 import contextlib
 import json
@@ -114,9 +115,9 @@ def _read_json(path: str):
 
 
 def finished_run(run_dir: str):
-    """(summary, config it was trained with or None) of a finished run in run_dir, else None."""
+    """(summary, run record or None) of a finished run in run_dir, else None."""
     summary = _read_json(os.path.join(run_dir, "metrics.json"))
     if not isinstance(summary, dict) or not (summary.get("status") == "finished" or summary.get("finished") is True):
         return None
     record = _read_json(os.path.join(run_dir, "run_record.json"))
-    return summary, record.get("config") if isinstance(record, dict) else None
+    return summary, record if isinstance(record, dict) else None

@@ -101,3 +101,20 @@ def test_a_non_finite_test_loss_is_a_divergence_not_a_finished_run(tmp_path):
     summary = strict_json((tmp_path / "metrics.json").read_text())
     assert summary["status"] == "diverged" and summary["finished"] is False and summary["test_loss"] is None
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / LOCK).exists()
+
+
+def test_a_committed_run_from_older_code_is_recognised_as_finished(tmp_path, capsys):
+    """results/runs/e3 holds runs whose records predate keys added since (data.input_norm,
+    train.precise_batches, ...): rerunning their command into them finds them finished, as the tables
+    do (keys added since take their defaults), and a real difference is still refused."""
+    import shutil
+
+    name = "cifar10-resnet20-bn-bs128-e3-df0-seed0-802df12f"
+    run_dir = tmp_path / name
+    shutil.copytree(os.path.join(REPO, "results", "runs", "e3", name), run_dir)
+    before = tree_digest(run_dir)
+    summary = fit(make_cfg(["model=resnet20", "norm=bn", "train.epochs=3"]), str(run_dir))
+    assert summary["finished"] is True and "already finished" in capsys.readouterr().out
+    with pytest.raises(UserError, match="different config.*train.epochs: finished run 3 vs now 4"):
+        fit(make_cfg(["model=resnet20", "norm=bn", "train.epochs=4"]), str(run_dir))
+    assert tree_digest(run_dir) == before
