@@ -59,7 +59,7 @@ def train(cfg, run_dir: str, multirun: bool, overrides) -> int:
 
         summary = fit(cfg, run_dir, overrides, on_start=lambda: save_hydra_files(run_dir, cfg))
     except UserError as e:
-        if getattr(e, "exit_code", None) != cli.EXIT_DIVERGED:
+        if e.exit_code != cli.EXIT_DIVERGED:
             discard_unstarted(run_dir)  # e.g. a normalizer's own check of its hyper-parameters
             raise
         preempt.disarm()  # the sweep goes on with its next run

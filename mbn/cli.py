@@ -79,10 +79,10 @@ def guarded(main, *args, on_interrupt: str = "", **kwargs):
     try:
         return main(*args, **kwargs)
     except UserError as e:
-        code = report(str(e), getattr(e, "exit_code", EXIT_USAGE))
+        code = report(str(e), e.exit_code)
     except OSError as e:  # a file or the network failed where no code turned it into a UserError
         err = environment_fault(e)
-        code = report(str(err), getattr(err, "exit_code", EXIT_USAGE))
+        code = report(str(err), err.exit_code)
     except KeyboardInterrupt:
         print("\ninterrupted" + (f"; {on_interrupt}" if on_interrupt else ""), file=sys.stderr, flush=True)
         code = EXIT_INTERRUPTED
