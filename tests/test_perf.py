@@ -126,6 +126,7 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path, capsys):
     assert [row["key"] for row in rows] == ["a", "b", "a", "b"] and all(row["images_per_s"] > 0 for row in rows)
 
 
+@pytest.mark.slow  # ~40 s of processes; Check.run itself: the crash test below
 def test_gpu_check_help_and_dry_rehearsal(tmp_path):
     """The GPU check's orchestration on a CPU: bench configurations and the train.py run, each in its
     own process, a JSON line each, bench.md written, exit 0."""

@@ -190,26 +190,20 @@ def test_eval_cli_errors():
     assert r.returncode == 2 and "give run_dir=<dir> or ckpt=<file>" in r.stderr
 
 
-def test_run_killed_mid_epoch_resumes_to_the_identical_result(tmp_path, capsys):
-    """SIGKILL while training epoch 2 (after epoch 1's checkpoint), rerun the same command. (Only
-    the killed run is a process of its own: the others run here, with the same thread count.)"""
-    import signal
+def killed_in_epoch_2_then_resumed(tmp_path, capsys, overrides, kill):
+    """An uninterrupted run, and `python train.py` killed by `kill(process, run_dir)` after epoch 1's
+    checkpoint, then continued: both end identically. (Only the killed run is a process of its own:
+    the others run here, with the same thread count.)"""
     import subprocess
     import sys
-    import time
 
-    overrides = TINY + ["train.epochs=2", "data.train_size=512", "norm=mbn"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     fit(make_cfg(overrides), str(straight))
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "train.py", *overrides, f"hydra.run.dir={killed}"], env=env,
                             cwd=env["PYTHONPATH"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # into epoch 2
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill(proc, killed)
+    assert proc.wait(timeout=300) < 0  # killed, not finished
     assert load_checkpoint(killed / "checkpoint.pt")["epoch"] == 1 and not (killed / "metrics.json").exists()
     capsys.readouterr()
     fit(make_cfg(overrides), str(killed))
@@ -217,3 +211,27 @@ def test_run_killed_mid_epoch_resumes_to_the_identical_result(tmp_path, capsys):
     a, b = load_checkpoint(straight / "checkpoint.pt"), load_checkpoint(killed / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [h["test_loss"] for h in a["history"]] == [h["test_loss"] for h in b["history"]]
+
+
+def test_run_killed_in_epoch_2_resumes_to_the_identical_result(tmp_path, capsys, monkeypatch):
+    """SIGKILL at a fixed point of epoch 2: trained and evaluated, its metrics.jsonl line half
+    written (mbn.tracking's MBN_FAULT hook), its checkpoint not yet."""
+    monkeypatch.setenv("MBN_FAULT", "metrics:2")  # read by the process train.py starts, not by this one
+    killed_in_epoch_2_then_resumed(tmp_path, capsys, TINY + ["train.epochs=2", "norm=mbn"], lambda proc, run_dir: None)
+
+
+@pytest.mark.slow
+def test_run_killed_mid_epoch_resumes_to_the_identical_result(tmp_path, capsys):
+    """SIGKILL at whatever point of epoch 2's training the clock finds (a longer epoch: 16 steps)."""
+    import signal
+    import time
+
+    def kill(proc, run_dir):
+        deadline = time.time() + 120
+        while not (run_dir / "checkpoint.pt").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # into epoch 2
+        proc.send_signal(signal.SIGKILL)
+
+    killed_in_epoch_2_then_resumed(tmp_path, capsys, TINY + ["train.epochs=2", "data.train_size=512", "norm=mbn"],
+                                   kill)
