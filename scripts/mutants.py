@@ -577,7 +577,8 @@ class TestIndex:
 
 
 # ------------------------------------------------------------------------------------- running
-PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
+# one process per mutant run (-n 0: the suite's own -n 2 would start workers for a few tests)
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-n", "0"]
 
 
 def workspace_files(repo: str) -> List[str]:

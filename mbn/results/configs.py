@@ -85,7 +85,8 @@ def filled_identity(record: dict) -> Optional[dict]:
     overrides = [o for o in record.get("overrides", []) if not o.startswith("seed=")]
     groups = [f"{g}={config[g]['name']}" for g in ("model", "norm", "data")
               if isinstance(config.get(g), dict) and "name" in config[g]]
-    for attempt in (overrides, groups):
+    # the group choices first: a run made through the API (fit) records no overrides
+    for attempt in (merge_overrides(groups, overrides), groups):
         try:
             defaults = flat(identity(compose_cached(attempt)))
             break
