@@ -20,7 +20,6 @@ processes compile in parallel and take turns for the timed part.
 
 --compile-cache DIR (default $MBN_COMPILE_CACHE, else torch's own) keeps torch.compile's caches in DIR
 (mbn/compile_cache.py): a second bench with the same folder starts warm."""
-import argparse
 import contextlib
 import fcntl
 import json
@@ -37,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 from mbn import compile_cache  # noqa: E402
 from mbn.build import resolve_device  # noqa: E402
-from mbn.cli import ArgumentParser, run  # noqa: E402
+from mbn.cli import ArgumentParser, run, whole_number  # noqa: E402
 from mbn.engine import Run  # noqa: E402
 from mbn.results import REPO, compose  # noqa: E402
 from mbn.stacked import StackedRun  # noqa: E402
@@ -161,28 +160,16 @@ def table(rows, title) -> str:
     return "\n".join(lines + table_lines(rows)) + "\n"
 
 
-def at_least(minimum: int):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
 def main(argv=None):
     ap = ArgumentParser(prog="bench.py", description=__doc__)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--model", default="resnet56", choices=models.MODELS, metavar="MODEL",
                     help=f"one of {', '.join(models.MODELS)}")
-    ap.add_argument("--batch-sizes", type=at_least(1), nargs="+", help="default 128 8 (--tiny: 8 4)")
-    ap.add_argument("--steps", type=at_least(1), default=100)
-    ap.add_argument("--warmup", type=at_least(0), default=30)
+    ap.add_argument("--batch-sizes", type=whole_number(1), nargs="+", help="default 128 8 (--tiny: 8 4)")
+    ap.add_argument("--steps", type=whole_number(1), default=100)
+    ap.add_argument("--warmup", type=whole_number(0), default=30)
     ap.add_argument("--only", nargs="*", default=list("abcde"), choices=list(CONFIGS))
-    ap.add_argument("--seeds", type=at_least(1), default=8,
+    ap.add_argument("--seeds", type=whole_number(1), default=8,
                     help="models trained at once by the stacked configurations (g, h)")
     ap.add_argument("--compile-cache", default=None,
                     help="torch.compile's cache folder (default: $MBN_COMPILE_CACHE, else torch's own)")

@@ -172,24 +172,14 @@ def norms_list(dry):
     return ["bn", "mbn"] if dry else sorted(NORMS)
 
 
-def positive_seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def main(argv=None):
-    from mbn.cli import ArgumentParser
+    from mbn.cli import ArgumentParser, seconds
 
     ap = ArgumentParser(prog="gpu_check.py", description=__doc__)
     ap.add_argument("--dry", action="store_true", help="CPU rehearsal at toy sizes (no timings worth reading)")
     ap.add_argument("--data-root", default=None, help="holds cifar-10-batches-py/ for the train phase")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "runs", "gpu_check"))
-    ap.add_argument("--budget", type=positive_seconds, default=470.0, help="seconds for the whole check")
+    ap.add_argument("--budget", type=seconds, default=470.0, help="seconds for the whole check")
     ap.add_argument("--phases", nargs="*", default=PHASES, choices=PHASES)
     ap.add_argument("--compile-cache", default=None,
                     help="torch.compile's cache folder for every process (default: $MBN_COMPILE_CACHE, else "

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mbn import UserError, compile_cache  # noqa: E402
 from mbn import plan as planner  # noqa: E402
-from mbn.cli import ArgumentParser, EnvironmentFault, environment_fault, run  # noqa: E402
+from mbn.cli import ArgumentParser, EnvironmentFault, environment_fault, run, seconds, whole_number  # noqa: E402
 from mbn.results import REPO, merge_overrides, steps_per_epoch_at_128  # noqa: E402
 from mbn.sweeps import grids, multirun_overrides  # noqa: E402
 
@@ -44,28 +44,6 @@ DEFAULT_ROOT = os.path.join(REPO, "runs")
 
 
 # ------------------------------------------------------------------------------ arguments
-def count(minimum: int = 1):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
-def seconds(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"a time in seconds must be positive, got {text}")
-    return value
-
-
 def profile(text):
     if not re.fullmatch(r"e[1-9]\d*", text):
         raise argparse.ArgumentTypeError(f"{text!r}: a profile is e<epochs>, e.g. e30 or e200")
@@ -73,9 +51,9 @@ def profile(text):
 
 
 def add_common(ap, jobs_help="runs at once"):
-    ap.add_argument("--seeds", type=count(), default=3, help="seeds 0 .. N-1 of every cell (default 3)")
+    ap.add_argument("--seeds", type=whole_number(), default=3, help="seeds 0 .. N-1 of every cell (default 3)")
     ap.add_argument("--root", default=DEFAULT_ROOT, help="where runs/<name>/ folders go (default: runs/)")
-    ap.add_argument("--jobs", type=count(), default=1, help=jobs_help)
+    ap.add_argument("--jobs", type=whole_number(), default=1, help=jobs_help)
     ap.add_argument("--compile-cache", default=None,
                     help="torch.compile's cache folder for every run (default: $MBN_COMPILE_CACHE, else "
                          "<root>/compile_cache); carry it with the runs for warm starts")
@@ -106,7 +84,7 @@ def parser_for(command: str):
         return ap
     ap = ArgumentParser(prog="sweep.py", description=__doc__)
     ap.add_argument("table", help=f"plan, next, one of {ORDER + IMAGENET + STUDIES} or 'all' (the paper's CIFAR ones)")
-    ap.add_argument("--epochs", type=count(), default=200, help="schedule length (the paper: 200)")
+    ap.add_argument("--epochs", type=whole_number(), default=200, help="schedule length (the paper: 200)")
     ap.add_argument("--name", default=None, help="runs/<name>/ (default: e<epochs>[-<data>])")
     ap.add_argument("--launcher", default=None, choices=["basic", "joblib", "slurm"],
                     help="Hydra launcher (default: joblib when --jobs > 1, else basic)")

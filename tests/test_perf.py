@@ -185,7 +185,7 @@ def load_script(name):
     ("bench", ["--batch-sizes", "8", "-4"], "--batch-sizes: must be at least 1"),
     ("bench", ["--model", "resnet21"], "invalid choice: 'resnet21'"),
     ("bench", ["--only", "z"], "invalid choice: 'z'"),
-    ("gpu_check", ["--budget", "0"], "--budget: must be positive"),
+    ("gpu_check", ["--budget", "0"], "--budget: a time in seconds must be positive"),
     ("gpu_check", ["--phases", "timing"], "invalid choice: 'timing'"),
     ("gpu_check", ["--dry", "--data-root", "/nonexistent"], "--data-root /nonexistent: no cifar-10-batches-py/"),
 ])
