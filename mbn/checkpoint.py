@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from mbn import UserError
-from mbn.cli import environment_fault
+from mbn.cli import EnvironmentFault, environment_fault
 from mbn.naming import run_changing
 from mbn.tracking import fault_point, reason
 
@@ -46,8 +46,8 @@ def save_checkpoint(path: str, state: dict) -> None:
             os.remove(tmp)
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
         kept = "the previous checkpoint is kept" if os.path.isfile(path) else "there is no earlier checkpoint"
-        raise UserError(f"could not write the checkpoint {path} ({reason(e)}; {free / 2**20:.0f} MiB free on "
-                        f"its disk); {kept}. Free space, then rerun the same command to continue") from None
+        raise EnvironmentFault(f"could not write the checkpoint {path} ({reason(e)}; {free / 2**20:.0f} MiB free on "
+                               f"its disk); {kept}. Free space, then rerun the same command to continue") from None
     for stale in glob.glob(glob.escape(path) + ".tmp*"):
         with contextlib.suppress(OSError):
             os.remove(stale)

@@ -34,9 +34,10 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def write_error(path: str, e: Exception) -> UserError:
-    """One line for a file that could not be written (disk full, read-only, gone)."""
-    return UserError(f"could not write {path}: {reason(e)}; free space (or fix the directory), then rerun "
-                     "the same command to continue from the last checkpoint")
+    """One line for a file that could not be written (disk full, read-only, gone): the machine's
+    fault, exit status 4, like every other failed write of a run."""
+    return EnvironmentFault(f"could not write {path}: {reason(e)}; free space (or fix the directory), then rerun "
+                            "the same command to continue from the last checkpoint")
 
 
 def reason(e: Exception) -> str:

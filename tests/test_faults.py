@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from mbn import UserError
+from mbn.cli import EXIT_ENVIRONMENT
 from mbn.checkpoint import load_checkpoint
 from mbn.engine import fit
+from mbn.tracking import atomic_write_text
 from tests.conftest import REPO, TINY, make_cfg
 
 RUN = TINY + ["norm=mbn", "train.epochs=3"]  # 4 steps an epoch
@@ -104,7 +106,20 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeyp
     message = str(e.value)
     assert f"could not write the checkpoint {tmp_path / 'checkpoint.pt'}" in message and "\n" not in message
     assert "the previous checkpoint is kept" in message and "rerun the same command" in message
+    assert e.value.exit_code == EXIT_ENVIRONMENT  # the machine's fault (README), not a mistake in the command
     monkeypatch.setattr(torch, "save", real_save)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f] and not (tmp_path / "metrics.json").exists()
 
+
+
+def test_a_failed_write_of_any_run_file_is_the_environments_fault(tmp_path, monkeypatch):
+    """metrics.json, the run record, metrics.jsonl: a full disk is exit status 4, like the checkpoint's."""
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(UserError) as e:
+        atomic_write_text(str(tmp_path / "metrics.json"), "{}")
+    assert e.value.exit_code == EXIT_ENVIRONMENT and "metrics.json" in str(e.value)
+    assert os.listdir(tmp_path) == []
