@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from mbn import UserError
 from mbn.cli import environment_fault
+from mbn.config import CIFAR_CLASSES
 
 LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels"),
@@ -50,22 +51,32 @@ def folder_exists(path: str, key: str = "data.root") -> bool:
     return True
 
 
-def _read_pickles(folder, names, label_key, rebuild):
+def _read_pickles(folder, names, label_key, classes, rebuild):
     images, labels = [], []
     for name in names:
         path = os.path.join(folder, name)
         try:
             with open(path, "rb") as f:
                 entry = pickle.load(f, encoding="latin1")
-            images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(entry[label_key])
+            x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(entry[label_key])
+            # a damaged or foreign file must not reach the loss (an IndexError mid-epoch, files
+            # already written) nor pair images with the wrong labels
+            if y.shape != (len(x),):
+                raise ValueError(f"{y.size} labels for {len(x)} images")
+            if not np.issubdtype(y.dtype, np.integer):
+                raise ValueError(f"labels of type {y.dtype}, expected integers")
+            if len(y) and not 0 <= y.min() <= y.max() < classes:
+                raise ValueError(f"labels {y.min()}..{y.max()}, expected 0..{classes - 1}")
+            images.append(x)
+            labels.append(y.astype(np.int64))
         except PermissionError as e:  # the machine's, not a damaged file
             raise environment_fault(e, "cannot read") from None
         except Exception as e:  # noqa: BLE001  (a cut-short or foreign file fails in many ways)
             text = str(e).strip().splitlines()
             raise UserError(f"{path} is unreadable ({type(e).__name__}{': ' + text[0] if text else ''}); "
                             f"{rebuild}") from None
-    return Split(torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.long))
+    return Split(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
 
 
 def load_cifar(name: str, root: str, download: bool = False):
@@ -90,8 +101,8 @@ def load_cifar(name: str, root: str, download: bool = False):
         raise UserError(f"{what} (torchvision's layout: {', '.join(expected)}); {how}")
     rebuild = (OFFLINE_HINT.format(root=root) if name == "cifar10" else
                f"delete {folder}/ and rerun{'' if download else ' with data.download=true'} to download it again")
-    train = _read_pickles(folder, train_files, label_key, rebuild)
-    test = _read_pickles(folder, test_files, label_key, rebuild)
+    train = _read_pickles(folder, train_files, label_key, CIFAR_CLASSES[name], rebuild)
+    test = _read_pickles(folder, test_files, label_key, CIFAR_CLASSES[name], rebuild)
     return train, test
 
 

@@ -3,6 +3,7 @@ what the line says. The fault side (kills, a full disk) is tests/test_faults.py.
 import json
 import math
 import os
+import pickle
 import re
 
 import pytest
@@ -132,6 +133,29 @@ def test_truncated_cifar_file_names_it_and_the_rebuild_command(tmp_path):
     r = run_cli("train.py", "data=cifar10", f"data.root={tmp_path}", "device=cpu", f"hydra.run.dir={tmp_path}/run")
     line = one_line_error(r)
     assert f"{batch} is unreadable" in line and "build_cifar.py --root" in line
+
+
+@pytest.mark.parametrize("name,labels,says", [
+    ("cifar10", lambda y: y[:3], "3 labels for 4 images"),          # labels and images out of step
+    ("cifar10", lambda y: [12] + y[1:], "labels 0..12, expected 0..9"),
+    ("cifar100", lambda y: [-1] + y[1:], "expected 0..99"),
+    ("cifar10", lambda y: [str(v) for v in y], "expected integers"),
+])
+def test_cifar_labels_that_do_not_fit_the_images_or_the_classes_name_the_file(tmp_path, name, labels, says):
+    """A damaged or foreign file is refused before training (never an IndexError in the loss
+    after the run's files were written, nor images trained on under the wrong labels)."""
+    write_fake_cifar(str(tmp_path), name)
+    folder, file, key = (("cifar-10-batches-py", "data_batch_2", "labels") if name == "cifar10" else
+                         ("cifar-100-python", "train", "fine_labels"))
+    path = tmp_path / folder / file
+    with open(path, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    entry[key] = labels(entry[key])
+    with open(path, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+    with pytest.raises(UserError) as e:
+        load_cifar(name, str(tmp_path), download=False)
+    assert str(e.value).startswith(f"{path} is unreadable") and says in str(e.value)
 
 
 def test_missing_test_batch_is_named_first(tmp_path):
