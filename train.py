@@ -123,12 +123,27 @@ Exit statuses:
 Every key can be set with key=value; the whole config: --cfg job. Hydra's own options: --hydra-help."""
 
 
+def check_options(args) -> None:
+    """Hydra's own argparse answers an unknown or misplaced option (`--bogus`, `a=1 -m b=2`) with
+    its usage and a message; say it in one line, with the fix."""
+    from hydra._internal.utils import get_args_parser
+
+    def error(message):
+        where = "; options (-m, --cfg job, ...) go before the key=value overrides" if "unrecognized" in message else ""
+        raise UserError(f"{message}{where} (python train.py --help)")
+
+    parser = get_args_parser()
+    parser.error = error
+    parser.parse_args(args)
+
+
 def cli_main() -> int:
     args = sys.argv[1:]
     try:
         if "--help" in args or "-h" in args:
             print(help_text([a for a in args if a not in ("--help", "-h") and not a.startswith("-")]))
             return cli.EXIT_OK
+        check_options(args)
         main()
     except Exception as e:  # noqa: BLE001  (Hydra's errors about the command; anything else is re-raised)
         err = None if STARTED else hydra_error(e)  # an error of the run itself keeps its traceback

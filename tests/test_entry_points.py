@@ -34,6 +34,7 @@ ONE = TINY + ["train.epochs=1", "train.precise_batches=0"]
     (["perf.precision=fp16"], "perf.precision=fp16: autocast precision must be one of auto, fp32, bf16"),
     (["logger.name=tensorboard"], "logger.name=tensorboard: "),
     (["device=gpu"], "device=gpu: the device must be auto, cpu, cuda or cuda:N"),
+    (["seed=1", "-m", "seed=0,1"], "unrecognized arguments: seed=0,1 hydra.run.dir="),  # Hydra's argparse
 ])
 def test_mistakes_in_the_command_end_in_one_line_before_torch(tmp_path, args, says):
     """Hydra's errors and the declared constraints alike: one line, exit 2, no run dir, and the
