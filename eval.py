@@ -112,6 +112,8 @@ def main(argv) -> int:
         return cli.EXIT_OK
     PROGRAM[0] = "python eval.py"
     cfg = parse(argv)
+    if cfg.run_dir:
+        cli.existing_dir(cfg.run_dir, "run_dir")
     path = cfg.ckpt or os.path.join(cfg.run_dir, "checkpoint.pt")
     if cfg.run_dir and not os.path.exists(path) and os.path.isfile(os.path.join(cfg.run_dir, "metrics.json")):
         raise UserError(f"{cfg.run_dir} has no checkpoint.pt (sweeps delete the checkpoints of finished runs); "

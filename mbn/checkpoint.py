@@ -61,7 +61,8 @@ def load_checkpoint(path: str, device="cpu") -> dict:
     path = str(path)
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
-    move = f"move it away (mv {path} {path}.bad) to start this run over"
+    move = (f"move it away (mv {path} {path}.bad) to start this run over" if os.path.basename(path) == CHECKPOINT
+            else f"name the {CHECKPOINT} a run of train.py wrote")  # eval.py ckpt=<another file>: leave it be
     try:
         state = torch.load(path, map_location=device, weights_only=False)
     except PermissionError as e:  # the machine's, not a damaged file

@@ -126,6 +126,21 @@ def test_garbage_checkpoint_names_the_file_and_what_to_do(tmp_path):
     assert ckpt.read_bytes().startswith(b"this is not")  # left alone
 
 
+def test_eval_py_on_a_file_that_is_no_checkpoint_or_a_missing_run_dir_moves_nothing(tmp_path, monkeypatch):
+    """eval.py ckpt=<metrics.json> must not advise moving that file away (only a damaged
+    checkpoint.pt is moved to start a run over); a run_dir that does not exist is named as such."""
+    import eval as eval_py
+
+    monkeypatch.setattr(eval_py, "PROGRAM", [""])  # eval's main names itself in it: not in the shared list
+    other = tmp_path / "metrics.json"
+    other.write_text("{}")
+    with pytest.raises(UserError) as e:
+        eval_py.main([f"ckpt={other}"])
+    assert "not a readable checkpoint" in str(e.value) and "mv " not in str(e.value)
+    with pytest.raises(UserError, match=f"run_dir {tmp_path / 'gone'}: no such folder"):
+        eval_py.main([f"run_dir={tmp_path / 'gone'}"])
+
+
 def test_truncated_cifar_file_names_it_and_the_rebuild_command(tmp_path):
     write_fake_cifar(str(tmp_path), "cifar10")
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
