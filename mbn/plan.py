@@ -235,8 +235,10 @@ class PlannedRun:
             return None
         return STARTUP_S + self.epoch_s * (self.epochs - self.epochs_done) * jobs / bench.speedup(jobs)
 
-    def first_epoch_s(self, jobs: int, bench: Bench) -> Optional[float]:
-        return None if self.epoch_s is None else STARTUP_S + self.epoch_s * jobs / bench.speedup(jobs)
+    def first_epoch_s(self, jobs: int, bench: Bench) -> float:
+        """Wall seconds until its first epoch ends. A run the bench lacks needs at least its
+        start-up: it never starts where a run of higher priority was passed over for want of that."""
+        return STARTUP_S + (0.0 if self.epoch_s is None else self.epoch_s * jobs / bench.speedup(jobs))
 
 
 @dataclass

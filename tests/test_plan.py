@@ -227,3 +227,16 @@ def test_next_stops_what_runs_past_the_budget_and_starts_nothing_after_the_deadl
     assert ("stop", signal.SIGTERM) in log and 60 <= clock() < 70
     by = {o.run.run_id: o for o in out}
     assert by["run0"].stopped and not by["run1"].started and not by["run2"].started
+
+
+def test_a_run_without_an_estimate_needs_at_least_the_start_up_to_start(bench):
+    """Priorities hold: where an estimated run was passed over because its start-up did not fit,
+    a later run the bench lacks is not started either."""
+    known, unknown = fake_runs(2)
+    known.epoch_s = 10.0
+    assert unknown.first_epoch_s(2, bench) == planner.STARTUP_S
+    clock, log = FakeClock(), []
+    out = planner.execute([known, unknown], 2, deadline=planner.STARTUP_S - 1, hard_end=100,
+                          start=lambda r: log.append(r.run_id), first_epoch_s=lambda r: r.first_epoch_s(2, bench),
+                          clock=clock, sleep=clock.sleep, say=lambda s: None)
+    assert log == [] and [o.started for o in out] == [False, False]
