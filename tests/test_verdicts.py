@@ -232,3 +232,24 @@ def test_collect_puts_each_schedule_in_its_own_folder(tmp_path, monkeypatch):
         runs = [json.loads((d / "run_record.json").read_text()) for d in folder.iterdir() if d.is_dir()]
         assert len(runs) == 2 and {r["config"]["train"]["epochs"] for r in runs} == {epochs}
         assert json.loads((folder / "sweep_table1.json").read_text())["epochs"] == epochs
+
+
+def test_figure1_judges_each_methods_gain_from_the_second_forward(tmp_path):
+    """Figure 1's claims are X-2 against X-1 (MBN-2 0.30 and BRN-2 0.47 below their single-forward
+    runs): each double-forward cell pairs with its own method's single-forward cell, not with BN-1."""
+    root = tmp_path / "e200"
+    grid = grids(200)["figure1"]
+    write_sweep(root, "figure1", 200, SEEDS)
+    errs = {("brn", False): [7.0, 7.1, 7.3], ("brn", True): [6.5, 6.7, 6.8], ("bn", False): [9.0, 9.5, 9.9]}
+    for (norm, double), values in errs.items():
+        for seed, err in zip(SEEDS, values):
+            fake_run(root, cell_overrides(grid, [f"norm={norm}", f"train.double_forward={str(double).lower()}"],
+                                          seed, 200), {"test_err": err})
+    out = tmp_path / "out"
+    assert script("make_tables")(["--runs", str(root), "--out", str(out), "--tables", "figure1"]) == 0
+    with open(out / "figure1.csv", encoding="utf-8") as f:
+        rows = {(r["method"], r["double forward"]): r for r in csv.DictReader(f)}
+    brn2 = rows[("brn", "double")]
+    assert float(brn2["delta_mean"]) == pytest.approx(-(0.5 + 0.4 + 0.5) / 3, abs=1e-9)  # vs BRN-1, not BN-1
+    assert float(brn2["paper_delta"]) == pytest.approx(6.46 - 6.93)
+    assert rows[("brn", "single")]["verdict"] == "—" and rows[("bn", "single")]["verdict"] == "—"
