@@ -253,3 +253,22 @@ def test_figure1_judges_each_methods_gain_from_the_second_forward(tmp_path):
     assert float(brn2["delta_mean"]) == pytest.approx(-(0.5 + 0.4 + 0.5) / 3, abs=1e-9)  # vs BRN-1, not BN-1
     assert float(brn2["paper_delta"]) == pytest.approx(6.46 - 6.93)
     assert rows[("brn", "single")]["verdict"] == "—" and rows[("bn", "single")]["verdict"] == "—"
+
+
+def test_table6_says_which_interval_tost_corresponds_to(tmp_path):
+    """TOST at 5 % is the 90 % interval inside ±margin; the table shows 95 % intervals, so an
+    `equivalent` row may show a 95 % interval that crosses the margin: the header says so."""
+    root = tmp_path / "e200"
+    grid = grids(200)["table6"]
+    write_sweep(root, "table6", 200, SEEDS)
+    for k, values in {10: [8.0, 8.2, 8.1], 20: [8.03, 8.32, 8.31]}.items():  # Δ 0.03 0.12 0.21
+        for seed, err in zip(SEEDS, values):
+            fake_run(root, cell_overrides(grid, [f"norm.memory_size={k}"], seed, 200), {"test_err": err})
+    out = tmp_path / "out"
+    assert script("make_tables")(["--runs", str(root), "--out", str(out), "--tables", "table6"]) == 0
+    md = (out / "table6.md").read_text()
+    assert "the 90 % interval — not the 95 % one shown — lies inside ±0.3 pp" in md
+    with open(out / "table6.csv", encoding="utf-8") as f:
+        row = next(r for r in csv.DictReader(f) if r["memory size"] == "20")
+    half90 = 2.919985580 * 0.09 / math.sqrt(3)  # t(0.95, 2): the 90 % interval lies inside ±0.3 ...
+    assert 0.12 + half90 < 0.3 < float(row["delta_hi"]) and row["verdict"] == "equivalent"  # ... the 95 % not

@@ -71,7 +71,8 @@ def rule_text(grid: Grid, reason, margin: float = DEFAULT_MARGIN) -> List[str]:
         rule = (f"the paper claims no difference (its text: \"relatively stable across different memory sizes\"), "
                 f"an equivalence claim, judged by two one-sided paired t-tests (TOST) with margin ±{margin:g} "
                 f"percentage points (`make_tables.py --margin`): `equivalent` = the Holm-adjusted TOST p < {ALPHA:.2g} "
-                f"(the difference lies within ±{margin:g} pp); `not shown equivalent` otherwise")
+                f"(for one test: the 90 % interval — not the 95 % one shown — lies inside ±{margin:g} pp); "
+                "`not shown equivalent` otherwise")
     else:
         rule = (f"read as the sign of the paper's own difference to the reference, paper Δ. The paired t-test's "
                 f"p-value is Holm–Bonferroni adjusted over this table's tested cells; `holds` = adjusted p < "
