@@ -360,7 +360,143 @@ ISSUE20_MUTANTS: List[Mutant] = [
     M("gn_groups_key_ignored", "mbn/norms/gn.py", "self.num_groups = num_groups(num_features, int(groups))",
       "self.num_groups = num_groups(num_features, 32)", "tests/test_gn.py", "norm.groups is ignored (always 32)"),
 ]
-MUTANTS += NEW_NORMALIZER_MUTANTS + GRAPH_REPLAY_MUTANTS + ISSUE20_MUTANTS
+# issue 20, phase 2: bugs in the code this session added since (the results package and its scripts,
+# declared constraints, run-dir locks, divergence on both losses, per-step curves, the W&B
+# fallback, the plan and `next`, the compile cache, NormProp's arpit2016 recipe, CBN's official
+# running variance)
+T_STATS, T_TAB, T_VERD, T_RES, T_RUNDIR, T_PLAN, T_SWEEPS, T_EP, T_ERR = (
+    "tests/test_stats.py", "tests/test_tables.py", "tests/test_verdicts.py", "tests/test_results.py",
+    "tests/test_rundir.py", "tests/test_plan.py", "tests/test_sweeps.py", "tests/test_entry_points.py",
+    "tests/test_errors.py")
+SESSION_MUTANTS: List[Mutant] = [
+    # ------------------------------------------------------------------ results: statistics, tables
+    M("holm_not_monotone", "mbn/results/stats.py", "running = max(running, min(1.0, (len(order) - i) * p[key]))",
+      "running = min(1.0, (len(order) - i) * p[key])", f"{T_STATS}::test_holm_adjusted_p_values_by_hand",
+      "Holm without the step that keeps the adjusted p-values non-decreasing"),
+    M("tost_two_sided", "mbn/results/stats.py", "return float(max(st.t.sf((mean + margin) / se, n - 1),",
+      "return float(2 * max(st.t.sf((mean + margin) / se, n - 1),",
+      f"{T_STATS}::test_tost_by_hand_and_against_the_90_percent_interval",
+      "TOST doubles its one-sided p-value as a two-sided test would (equivalence shown at α/2)"),
+    M("mde_normal_quantile", "mbn/results/stats.py", "half = t_critical(n - 1, level) * sd / math.sqrt(n)",
+      "half = float(st.norm.ppf(0.5 + level / 2)) * sd / math.sqrt(n)",
+      f"{T_STATS}::test_paired_t_test_p_value_and_interval_against_closed_forms",
+      "the interval and the MDE from the normal quantile (1.96) instead of Student's t"),
+    M("p_at_alpha_significant", "mbn/results/stats.py", "p_adjusted is not None and p_adjusted < ALPHA",
+      "p_adjusted is not None and p_adjusted <= ALPHA", f"{T_STATS}::test_verdict_rules",
+      "an adjusted p-value equal to α counts as significant"),
+    M("zero_width_only_exact", "mbn/results/stats.py", "if sd < ZERO_WIDTH:", "if sd == 0:",
+      f"{T_STATS}::test_differences_equal_up_to_float_noise_give_a_zero_width_interval",
+      "differences identical up to float noise get an interval of width 1e-15 and a verdict"),
+    M("diverged_seed_not_counted", "mbn/results/tables.py", '"n": len(values) + diverged,', '"n": len(values),',
+      f"{T_TAB}::test_a_diverged_seed_counts_in_n_and_leaves_no_interval",
+      "a diverged seed is silently dropped from n"),
+    M("two_pairs_tested", "mbn/results/tables.py", 'd is not None and d["n"] >= MIN_PAIRS and not d["zero_width"]',
+      'd is not None and d["n"] >= 2 and not d["zero_width"]',
+      f"{T_TAB}::test_holm_adjusts_over_the_cells_of_at_least_three_pairs_only",
+      "a cell of two pairs enters Holm's family (m grows: every other cell's adjusted p rises)"),
+    M("pairing_ignores_precision", "mbn/results/runs.py",
+      '            "precision": (run["record"].get("perf") or {}).get("precision", "unknown"),\n', "",
+      f"{T_VERD}::test_zero_width_diverged_and_unpaired_cells", "a bf16 run pairs with an fp32 run of the same seed"),
+    M("non_finite_test_loss_finished", "mbn/results/runs.py", 'for k in ("train_loss", "test_loss",',
+      'for k in ("train_loss",', f"{T_VERD}::test_a_run_is_diverged_when_metrics_json_says_so_or_a_loss_is_not_finite",
+      "a run recorded before divergence was judged on the test loss counts as finished with a NaN test loss"),
+    M("diverged_rest_counts_all", "mbn/results/render.py", 'rest = row["n"] - row["diverged"]', 'rest = row["n"]',
+      f"{T_TAB}::test_the_markdown_of_diverged_cells",
+      "'diverged 1/3; the other 3' (the survivors' count includes the diverged seed)"),
+    M("margin_not_passed_to_tests", "scripts/make_tables.py",
+      "synthetic=synthetic, margin=args.margin)\n        md, csv_text", "synthetic=synthetic)\n        md, csv_text",
+      f"{T_VERD}::test_table6_equivalence_by_tost", "--margin changes the rule's text but not the TOST"),
+    M("collect_leaves_diverged", "scripts/collect_runs.py",
+      'runs = [r for r in found if r and r["status"] in IN_TABLES]',
+      'runs = [r for r in found if r and r["status"] == "finished"]',
+      f"{T_VERD}::test_collect_copies_diverged_runs_and_leaves_unfinished_ones",
+      "diverged runs are not collected: the committed tables lose their `diverged k/n`"),
+    M("diverged_runs_drawn", "scripts/plot_curves.py", 'done = [r for r in runs if r["status"] == FINISHED]',
+      "done = list(runs)", f"{T_VERD}::test_a_figure_draws_finished_runs_only_and_counts_the_diverged",
+      "diverged runs draw curves and the legend counts none"),
+    M("batch_8_outside_the_rule", "mbn/sweeps.py", "for bs in SMALL_BATCHES if bs < PAPER_SMALLEST_BATCH}",
+      "for bs in SMALL_BATCHES if bs <= PAPER_SMALLEST_BATCH}", f"{T_RES}::test_small_batch_grids",
+      "batch 8, the paper's smallest, is labelled as outside its rule"),
+    # ------------------------------------------------------------------ constraints, entry points, run dirs
+    M("range_high_open_ignored", "mbn/validate.py", "(v < self.high if self.high_open else v <= self.high)",
+      "v <= self.high", "tests/test_constraints.py::test_range_bounds_open_and_closed_by_hand",
+      "an open upper bound admits the bound itself (seed=2147483648)"),
+    M("epochs_he2016", "mbn/config.py", "epochs: int = key(200,", "epochs: int = key(164,",
+      "tests/test_config.py", "the default schedule is He et al.'s 164 epochs (64k steps), not the paper's 200"),
+    M("num_classes_unchecked", "mbn/config.py",
+      'num_classes: int = key(10, "the number of classes", count, Matches("data.name", CIFAR_CLASSES))',
+      'num_classes: int = key(10, "the number of classes", count)',
+      "tests/test_constraints.py::test_train_py_refuses_in_one_line_and_creates_nothing",
+      "data.num_classes=5 with CIFAR-10 is accepted (a 5-way classifier on 10 labels)"),
+    M("refused_run_dir_left", "train.py",
+      "            discard_unstarted(run_dir)  # e.g. a normalizer's own check of its hyper-parameters\n", "",
+      f"{T_ERR}::test_a_run_refused_inside_fit_leaves_no_run_dir",
+      "a run refused inside fit (NormProp on a ResNet) leaves its empty run dir behind"),
+    M("eval_run_dir_and_ckpt", "eval.py", "if (cfg.run_dir is None) == (cfg.ckpt is None):",
+      "if cfg.run_dir is None and cfg.ckpt is None:", f"{T_EP}::test_eval_py_takes_run_dir_or_ckpt_not_both",
+      "eval.py takes run_dir and ckpt together (ckpt silently wins)"),
+    M("read_only_disk_is_a_usage_error", "mbn/cli.py",
+      "cls = UserError if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR) else EnvironmentFault",
+      "cls = EnvironmentFault if e.errno in (errno.EACCES, errno.EPERM) else UserError",
+      f"{T_EP}::test_a_run_dir_on_a_read_only_filesystem_is_one_line",
+      "only permission errors are the machine's: a read-only or full disk exits 2 as a mistake in the command"),
+    M("unreadable_root_is_missing", "mbn/data.py", "    except FileNotFoundError:\n        return False\n",
+      "    except OSError:\n        return False\n", f"{T_EP}::test_an_unreadable_data_root_is_not_reported_missing",
+      "a data.root this user may not read is reported as not found"),
+    M("lock_always_stale", "mbn/rundir.py",
+      'return holder.get("start") is not None and start is not None and start != holder["start"]', "return True",
+      f"{T_RUNDIR}::test_a_second_run_into_a_locked_run_dir_is_refused",
+      "the lock of a live process is taken over as stale"),
+    M("finished_needs_status", "mbn/rundir.py",
+      'not (summary.get("status") == "finished" or summary.get("finished") is True)',
+      'summary.get("status") != "finished"',
+      f"{T_RUNDIR}::test_a_committed_run_from_older_code_is_recognised_as_finished",
+      "a run recorded before `status` existed (finished: true) is trained again"),
+    M("test_loss_not_judged", "mbn/engine.py",
+      'losses = agreed({"train_loss": train_loss, **({"test_loss": test["loss"]} if lead else {})}, world)',
+      'losses = agreed({"train_loss": train_loss}, world)',
+      f"{T_RUNDIR}::test_a_non_finite_test_loss_is_a_divergence_not_a_finished_run",
+      "divergence judged on the training loss only: a NaN test loss finishes the run"),
+    M("inf_loss_not_diverged", "mbn/tracking.py", "if not math.isfinite(v)}", "if math.isnan(v)}",
+      f"{T_ERR}::test_any_non_finite_loss_is_a_divergence",
+      "an infinite loss is not a divergence"),
+    M("step_curve_index_not_advanced", "mbn/step.py", "        self.index += 1\n", "",
+      f"{T_EP}::test_step_curves_equal_a_plain_loop", "every step's loss and error land in the curve's first row"),
+    M("wandb_auto_mode_refuses", "mbn/tracking.py", "if unreachable and chosen:", "if unreachable:",
+      f"{T_EP}::test_an_unreachable_wandb_server_falls_back_to_offline_within_seconds",
+      "an unreachable W&B server ends a run whose mode was chosen automatically instead of logging offline"),
+    M("progress_label_ignored", "mbn/tracking.py", 'getattr(v, "label", None) or k', "k",
+      f"{T_ERR}::test_progress_postfix_shows_the_current_lr_and_scheduled_values",
+      "the progress bar shows scheduled values under their config keys (lam), not their names (λ)"),
+    M("compile_cache_not_inherited", "mbn/compile_cache.py", "os.environ[TORCH_ENV] = os.environ[ENV] = path",
+      "os.environ[TORCH_ENV] = path", "tests/test_compile_cache.py::test_use_points_inductor_at_the_folder",
+      "processes started later (a sweep's runs) do not get the cache folder"),
+    # ------------------------------------------------------------------ the plan and `next`
+    M("next_starts_at_the_deadline", "mbn/plan.py", "if left <= 0 or (need is not None and need > left):",
+      "if left < 0 or (need is not None and need > left):", f"{T_PLAN}::test_next_starts_no_run_at_the_deadline_itself",
+      "a run without an estimate starts at the deadline itself, with no time left"),
+    M("partial_estimate_from_zero", "mbn/plan.py", "self.epoch_s * (self.epochs - self.epochs_done) * jobs",
+      "self.epoch_s * self.epochs * jobs",
+      f"{T_PLAN}::test_a_partial_runs_time_left_counts_only_its_epochs_still_to_run",
+      "a partial run's time left counts the epochs it has done"),
+    M("next_keeps_finished_checkpoint", "scripts/sweep.py", "            o.run.status = planner.FINISHED\n", "",
+      f"{T_SWEEPS}::test_next_runs_resumes_bitwise_and_keeps_checkpoints_only_while_unfinished",
+      "a run `next` finished keeps its checkpoint (drop_checkpoints sees its status from before the call)"),
+    # ------------------------------------------------------------------ NormProp, CBN
+    M("arpit2016_no_unit_filter_hook", "mbn/norms/normprop.py",
+      "        model.register_forward_pre_hook(unit_filters)\n", "",
+      "tests/test_normprop.py::test_arpit2016_update_is_sgd_then_unit_length_by_hand",
+      "arpit2016 sets unit filters once at build, never again after an update"),
+    M("arpit2016_rescales_in_eval", "mbn/norms/normprop.py", "            if module.training:\n",
+      "            if True:\n",
+      "tests/test_normprop.py::test_arpit2016_forward_sees_unit_filters_and_eval_writes_nothing",
+      "arpit2016 rescales the filters in eval forwards too (evaluation writes the weights)"),
+    M("cbn_pushes_unbiased_var", "mbn/norms/cbn.py", "self.push(u, x, mean, var, n)",
+      "self.push(u, x, mean, norm_var, n)",
+      "tests/test_cbn.py::test_official_running_averages_track_the_unbiased_batch_variance_through_burn_in",
+      "official burn-in records the unbiased variance: update_running_stats applies n/(n − 1) a second time"),
+]
+MUTANTS += NEW_NORMALIZER_MUTANTS + GRAPH_REPLAY_MUTANTS + ISSUE20_MUTANTS + SESSION_MUTANTS
 
 # Not listed because they are equivalent by construction (no test can tell them apart):
 # - "MBN memory not detached": the recorded statistics are detached at the call, and both
@@ -378,7 +514,8 @@ MUTANTS += NEW_NORMALIZER_MUTANTS + GRAPH_REPLAY_MUTANTS + ISSUE20_MUTANTS
 #                           of an imported module (`norms.bn`), and names a package re-exports from
 #                           the file (`from mbn.norms import recording` uses mbn/norms/base.py);
 #                           where nothing names the file, the tests of a package whose __init__ imports it
-#   train.py, scripts/*.py  the tests that name the script (run it) or import it
+#   train.py, scripts/*.py  the tests that name the script (run it) or import it; a script of scripts/
+#                           also by its stem passed to a call (`script("make_tables")` loads it)
 #   configs/G/O.yaml        the tests that compose configs with G=O (or G=<a formatted value>), or any
 #                           composing test where O is G's default or an experiment they compose picks O
 #   configs/*.yaml          every test that composes configs
@@ -417,6 +554,7 @@ class TestIndex:
         self.uses = {f: self.modules_used(f) for f in self.files}
         self.strings = {f: self.strings_of(f) | {s for h in self.helpers(f) for s in self.strings_of(h)}
                         for f in self.files}
+        self.arguments = {f: self.call_arguments(f) for f in self.files}
         self.composing = {f: bool(self.names_of(f) & COMPOSES
                                   or any(s.endswith(SCRIPTS_THAT_COMPOSE) for s in self.strings[f]))
                           for f in self.files}
@@ -496,6 +634,13 @@ class TestIndex:
                 out.add("".join(v.value if isinstance(v, ast.Constant) else FORMATTED for v in node.values))
         return out
 
+    def call_arguments(self, rel: str) -> set:
+        """String constants passed to a function called by its name: script("plot_curves") names
+        scripts/plot_curves.py (a method's argument, name.startswith("sweep"), names nothing)."""
+        ast = self.ast
+        return {a.value for n in ast.walk(self.tree(rel)) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                for a in n.args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+
     def names_of(self, rel: str) -> set:
         return {n.id for n in self.ast.walk(self.tree(rel)) if isinstance(n, self.ast.Name)} | \
                {a.name.split(".")[-1] for n in self.ast.walk(self.tree(rel)) if isinstance(n, self.ast.ImportFrom)
@@ -507,7 +652,8 @@ class TestIndex:
 
     def script_users(self, path: str) -> list:
         base = os.path.basename(path)
-        return [f for f in self.files if module_of(path) in self.uses[f]
+        stem = os.path.splitext(base)[0] if path.startswith("scripts/") else None  # script("make_tables")
+        return [f for f in self.files if module_of(path) in self.uses[f] or stem in self.arguments[f]
                 or any(s == path or s == base or s.endswith("/" + path) or s.endswith("/" + base)
                        for s in self.strings[f])]
 

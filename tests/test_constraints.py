@@ -200,3 +200,23 @@ def test_train_py_refuses_in_one_line_and_creates_nothing(tmp_path, overrides, s
     r = run_cli("train.py", "data=synthetic", "logger=none", *overrides, f"hydra.run.dir={run_dir}")
     assert says in one_line_error(r)
     assert not (tmp_path / "runs").exists()
+
+
+def test_range_bounds_open_and_closed_by_hand():
+    """Each kind of bound at the bound itself and one step past it. The draws above reach past a
+    bound with floats, which an integer rule refuses for being floats: config.seed's open upper
+    bound 2**31 is checked here."""
+    from mbn.validate import problems
+    from tests.conftest import make_cfg
+
+    seed = Range(0, 2**31, high_open=True, integer=True)
+    assert seed.ok(0) and seed.ok(2**31 - 1) and not seed.ok(2**31) and not seed.ok(-1) and not seed.ok(3.0)
+    closed = Range(1, 3)
+    assert closed.ok(1) and closed.ok(3) and not closed.ok(0.999) and not closed.ok(3.001)
+    opened = Range(0, 1, low_open=True, high_open=True)
+    assert opened.ok(0.5) and not opened.ok(0) and not opened.ok(1)
+    assert not Range(0).ok(None) and Range(0, optional=True).ok(None)
+    assert not any(Range(0).ok(v) for v in (float("nan"), float("inf"), True))
+    assert problems(make_cfg([f"seed={2**31 - 1}"])) == []
+    (found,) = problems(make_cfg([f"seed={2**31}"]))
+    assert found.startswith(f"seed={2**31}: the seed must lie in [0, 2147483648)")

@@ -252,3 +252,12 @@ def test_readme_lists_the_exit_statuses_of_mbn_cli():
 
     table = "\n".join(["| status | meaning |", "|---|---|"] + [f"| {c} | {w} |" for c, w in EXIT_STATUSES.items()])
     assert table in open(os.path.join(REPO, "README.md")).read()
+
+
+def test_eval_py_takes_run_dir_or_ckpt_not_both(tmp_path):
+    """Both given, one would silently win: refused like neither (in process: parse() needs no torch)."""
+    import eval as eval_script
+
+    with pytest.raises(UserError, match=r"give run_dir=<dir> or ckpt=<file> \(one of them\)"):
+        eval_script.parse([f"run_dir={tmp_path}", f"ckpt={tmp_path / 'checkpoint.pt'}"])
+    assert eval_script.parse([f"ckpt={tmp_path / 'checkpoint.pt'}"]).run_dir is None

@@ -246,3 +246,33 @@ def test_progress_postfix_shows_the_current_lr_and_scheduled_values():
     assert progress_postfix(0.1, {"r_max": 1.5, "d_max": 0.25}, loss=2.30259, err=90.0) == {
         "loss": "2.303", "err": "90.0", "lr": "0.1", "r_max": "1.5", "d_max": "0.25"}
 
+
+
+def test_a_run_refused_inside_fit_leaves_no_run_dir(tmp_path, monkeypatch):
+    """A check only the build can make (NormProp on a residual network: the model decides) refuses
+    the run after Hydra's preflight check has made its run dir; train.py removes the empty dir."""
+    import importlib.util
+
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # train.py sets it at import; undone after the test
+    spec = importlib.util.spec_from_file_location("_train_script", os.path.join(REPO, "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)  # as the preflight check leaves it
+    with pytest.raises(UserError, match="norm=normprop is defined for plain networks only"):
+        train.train(make_cfg(TINY + ["model=resnet20", "norm=normprop"]), str(run_dir), False, [])
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_any_non_finite_loss_is_a_divergence(tmp_path, bad):
+    from mbn.tracking import Diverged, stop_if_diverged
+
+    stop_if_diverged({"train_loss": 2.3, "test_loss": 1e30}, 3, 30, str(tmp_path))  # large but finite: go on
+    assert not (tmp_path / "metrics.json").exists()
+    with pytest.raises(Diverged, match=re.escape(f"the test loss of epoch 3 (up to step 30) is {bad}")):
+        stop_if_diverged({"train_loss": 2.3, "test_loss": bad}, 3, 30, str(tmp_path))
+    summary = strict_json((tmp_path / "metrics.json").read_text())
+    assert (summary["status"], summary["test_loss"], summary["last_good_epoch"]) == ("diverged", None, 2)

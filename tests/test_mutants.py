@@ -33,6 +33,8 @@ FILES = {
     "tests/test_e.py": "def test(run_cli):\n    run_cli('train.py', 'norm=gn,mbn')\n",
     "tests/test_f.py": "import models\n",
     "tests/test_g.py": "import os\n\n\ndef test():\n    os.path.join('scripts', 'bench.py')\n",
+    "scripts/plot.py": "",
+    "tests/test_h.py": "def script(name):\n    pass\n\n\ndef test():\n    script('plot')\n    'x'.startswith('bench')\n",
 }
 
 
@@ -56,7 +58,8 @@ def index(tmp_path_factory):
     ("mbn/naming.py", ["b"]),               # named by no test: the tests of the package importing it
     ("models/nin.py", ["f"]),
     ("train.py", ["e"]),                    # run by name
-    ("scripts/bench.py", ["g"]),            # named in pieces
+    ("scripts/bench.py", ["g"]),            # named in pieces (a method's argument 'bench' names nothing)
+    ("scripts/plot.py", ["h"]),             # its stem passed to a loader: script('plot')
     ("configs/norm/gn.yaml", ["d", "e"]),   # f"norm={...}" may be any; 'norm=gn,mbn' a multirun
     ("configs/norm/mbn.yaml", ["d", "e"]),
     ("configs/norm/bn.yaml", ["d", "e"]),   # the default: every test that composes

@@ -229,6 +229,30 @@ def test_next_stops_what_runs_past_the_budget_and_starts_nothing_after_the_deadl
     assert by["run0"].stopped and not by["run1"].started and not by["run2"].started
 
 
+def test_next_starts_no_run_at_the_deadline_itself():
+    """A run without an estimate starts while time is left; when a slot frees exactly at the
+    deadline there is none (the fake clock steps 0.5 s: it reaches 50.0 exactly)."""
+    clock, log = FakeClock(), []
+
+    def start(run):
+        log.append(("start", run.run_id, clock()))
+        return FakeJob(clock, 50, log)
+
+    out = planner.execute(fake_runs(2), 1, deadline=50, hard_end=100, start=start, first_epoch_s=lambda r: None,
+                          clock=clock, sleep=clock.sleep, say=lambda s: None)
+    assert log == [("start", "run0", 0.0)] and clock() == 50.0
+    assert [(o.run.run_id, o.started, o.returncode) for o in out] == [("run0", True, 0), ("run1", False, None)]
+
+
+def test_a_partial_runs_time_left_counts_only_its_epochs_still_to_run(bench):
+    run = planner.PlannedRun("table1", [], 0, "run", "/x/run", status="partial", epochs=10, epochs_done=4,
+                             epoch_s=30.0)
+    assert run.seconds_left(1, bench) == planner.STARTUP_S + 6 * 30.0
+    assert run.seconds_left(8, bench) == pytest.approx(planner.STARTUP_S + 6 * 30.0 * 8 / 3.1, rel=1e-12)
+    run.status = "finished"
+    assert run.seconds_left(1, bench) == 0.0
+
+
 def test_a_run_without_an_estimate_needs_at_least_the_start_up_to_start(bench):
     """Priorities hold: where an estimated run was passed over because its start-up did not fit,
     a later run the bench lacks is not started either."""

@@ -90,3 +90,14 @@ def test_verdict_rules():
     assert verdict("<", {"n": 1, "mean": -1.0, "half": None, "lo": None, "hi": None, "zero_width": False}) == \
         "n = 1 (< 3 pairs)"
     assert verdict(None, d(-1.0, 0.5), 0.01) == "no claim" and verdict("<", None) == "missing"
+
+
+def test_differences_equal_up_to_float_noise_give_a_zero_width_interval():
+    """5.1 − 5.0, 5.2 − 5.1 and 5.3 − 5.2 are 0.1 in decimal but not in binary: their sample sd is
+    ~5e-16 pp, float noise, not a spread to build a t interval and a verdict on."""
+    ours, ref = {0: 5.1, 1: 5.2, 2: 5.3}, {0: 5.0, 1: 5.1, 2: 5.2}
+    diffs = [ours[s] - ref[s] for s in ours]
+    assert len(set(diffs)) > 1 and 0 < by_hand(ours, ref)[2] < 1e-12  # the premise: not exactly identical
+    d = paired_difference(ours, ref)
+    assert d["zero_width"] and d["half"] == 0.0 and d["p"] is None and d["lo"] == d["hi"] == d["mean"]
+    assert verdict("<", d, None, -0.11) == "zero-width interval"

@@ -234,6 +234,39 @@ def test_collect_puts_each_schedule_in_its_own_folder(tmp_path, monkeypatch):
         assert json.loads((folder / "sweep_table1.json").read_text())["epochs"] == epochs
 
 
+def test_collect_copies_diverged_runs_and_leaves_unfinished_ones(tmp_path, capsys):
+    """A diverged run belongs in its table (`diverged k/n`): collected with the finished ones; a
+    preempted one stays until it has finished."""
+    root = tmp_path / "e2"
+    grid = grids(2)["table6"]
+    extra = ["data=synthetic", "data.train_size=64"]
+    write_sweep(root, "table6", 2, [0, 1], extra)
+    done = fake_run(root, cell_overrides(grid, ["norm.memory_size=10"], 0, 2, extra), {"test_err": 30.0})
+    diverged = fake_run(root, cell_overrides(grid, ["norm.memory_size=10"], 1, 2, extra),
+                        {"train_loss": float("nan")}, status="diverged")
+    fake_run(root, cell_overrides(grid, ["norm.memory_size=20"], 0, 2, extra), {"test_err": 32.0}, status="preempted")
+    out = tmp_path / "collected"
+    assert script("collect_runs")(["--runs", str(root), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted([done.name, diverged.name])
+    assert "2 runs (1 diverged)" in capsys.readouterr().out
+
+
+def test_a_figure_draws_finished_runs_only_and_counts_the_diverged(tmp_path):
+    import matplotlib.pyplot as plt
+
+    plot = script("plot_curves", module=True)
+    finished = {"status": "finished", "dir": str(tmp_path / "a"),
+                "history": [{"epoch": 1, "train_err": 40.0, "test_err": 45.0},
+                            {"epoch": 2, "train_err": 30.0, "test_err": 35.0}]}
+    diverged = {"status": "diverged", "dir": str(tmp_path / "b"),
+                "history": [{"epoch": 1, "train_err": 80.0, "test_err": 90.0}]}
+    fig = plot.figure2({("resnet20", "mbn"): [finished, diverged]}, grids(2)["figure2"], "title")
+    (test,) = [line for line in fig.axes[0].get_lines() if line.get_label().startswith("MBN test")]
+    assert test.get_label() == "MBN test (n=1, 1 diverged)"
+    assert list(test.get_xdata()) == [1, 2] and list(test.get_ydata()) == [45.0, 35.0]  # the finished run's curve
+    plt.close(fig)
+
+
 def test_figure1_judges_each_methods_gain_from_the_second_forward(tmp_path):
     """Figure 1's claims are X-2 against X-1 (MBN-2 0.30 and BRN-2 0.47 below their single-forward
     runs): each double-forward cell pairs with its own method's single-forward cell, not with BN-1."""
