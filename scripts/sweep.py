@@ -251,17 +251,14 @@ def log_tail(path: str, n: int = 3) -> str:
 
 def cmd_next(args) -> int:
     t0 = time.time()
+    if args.margin >= args.budget:
+        raise UserError(f"--margin {args.margin:g} leaves nothing of --budget {args.budget:g} (runs stop "
+                        "--margin seconds before the budget ends); give a larger --budget or a smaller --margin")
     plan = build_plan(args)
-    runs_dir = writable_dir(plan.runs_dir, "--runs" if args.runs else "--root")
-    root = os.path.dirname(runs_dir)
-    cache = compile_cache.use(cache_dir(args, root), key="--compile-cache")
-    removed = planner.drop_checkpoints(plan.unique(), runs_dir)
     queue = [r for r in plan.unique() if r.status in (planner.PARTIAL, planner.MISSING)]
+    # checked before anything is written or deleted: a refused command, or a dry run, changes nothing
     check_overrides(args.overrides, [queue[0].overrides] if queue else [])
     print(planner.render(plan, args.jobs))
-    if removed:
-        print(f"\n[next] deleted the checkpoints of {len(removed)} finished run(s) (their metrics.json stays)")
-    name = os.path.basename(runs_dir)
     deadline, hard_end = t0 + args.budget - args.margin, t0 + args.budget
     print(f"\n[next] budget {planner.duration(args.budget)}: runs stop at their last epoch boundary before "
           f"{time.strftime('%H:%M:%S', time.localtime(deadline))}, {args.jobs} at a time; "
@@ -272,6 +269,13 @@ def cmd_next(args) -> int:
                   + (f", epoch {r.epochs_done}/{r.epochs}" if r.status == planner.PARTIAL else "")
                   + f"): {planner.duration(r.seconds_left(args.jobs, plan.bench))}")
         return 0
+    runs_dir = writable_dir(plan.runs_dir, "--runs" if args.runs else "--root")
+    root = os.path.dirname(runs_dir)
+    cache = compile_cache.use(cache_dir(args, root), key="--compile-cache")
+    removed = planner.drop_checkpoints(plan.unique(), runs_dir)
+    if removed:
+        print(f"[next] deleted the checkpoints of {len(removed)} finished run(s) (their metrics.json stays)")
+    name = os.path.basename(runs_dir)
     for table in sorted({grids(plan.epochs, plan.steps_per_epoch_at_128)[b.step.table].sweep for b in plan.blocks}):
         write_sweep(runs_dir, plan.sweep_file(table))
     start_mps(args.jobs)

@@ -266,3 +266,27 @@ def test_next_runs_resumes_bitwise_and_keeps_checkpoints_only_while_unfinished(l
     assert sweep.main(argv) == 0  # nothing left: the finished run is not started again
     out = capsys.readouterr().out
     assert "nothing to run" in out and "| 1 | 0 | 0 | 0 | done |" in out
+
+
+def test_a_dry_run_of_next_writes_and_deletes_nothing(tmp_path, capsys, own_compile_cache, monkeypatch):
+    """`next --dry-run` prints the queue only: it creates no folder and keeps the checkpoint of a
+    finished run (a real `next` deletes it); a --margin that leaves no budget is refused."""
+    from mbn import UserError
+
+    sweep = sweep_script()
+    monkeypatch.setattr(sweep, "Job", InProcessJob)
+    root = tmp_path / "runs"
+    options = ["--budget", "600", "--margin", "1", "--profile", "e1", "--seeds", "1", "--tables", "table1",
+               "--models", "resnet20", "--norms", "bn", "--root"]
+    extra = ["--", *TINY, "train.precise_batches=0"]
+    assert sweep.main(["next", *options, str(tmp_path / "fresh"), "--dry-run", *extra]) == 0
+    assert not (tmp_path / "fresh").exists()
+    assert sweep.main(["next", *options, str(root), *extra]) == 0
+    (run,) = [d for d in (root / "e1-synthetic").iterdir() if d.is_dir() and d.name != "logs"]
+    (run / "checkpoint.pt").write_bytes(b"kept by a run made outside next")
+    before = sorted((p.relative_to(root), p.read_bytes()) for p in root.rglob("*") if p.is_file())
+    assert sweep.main(["next", *options, str(root), "--dry-run", *extra]) == 0
+    assert sorted((p.relative_to(root), p.read_bytes()) for p in root.rglob("*") if p.is_file()) == before
+    assert "deleted the checkpoints" not in capsys.readouterr().out
+    with pytest.raises(UserError, match="--margin 60 leaves nothing of --budget 60"):
+        sweep.main(["next", "--budget", "60", "--root", str(root), *extra])
