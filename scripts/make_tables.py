@@ -10,6 +10,7 @@ directory to know which runs each cell needs; missing runs show as missing, neve
 diverged ones as `diverged k/n`, damaged ones are named and skipped. Tables of synthetic-data runs
 are titled so and carry no paper columns. A table committed to git is only replaced by one made
 from the same runs, unless --force. results/README.md explains every column and rule."""
+import math
 import os
 import sys
 
@@ -48,7 +49,7 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="replace committed tables made from other runs")
     args = ap.parse_args(argv)
     existing_dir(args.runs)
-    if not args.margin > 0:
+    if not 0 < args.margin < math.inf:  # nan and inf too: an infinite margin makes every cell "equivalent"
         raise UserError(f"--margin {args.margin}: the equivalence margin must be a positive number of "
                         "percentage points, e.g. --margin 0.3")
     out = args.out or os.path.join(REPO, "results", os.path.basename(os.path.normpath(args.runs)))

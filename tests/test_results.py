@@ -384,3 +384,6 @@ def test_table_script_errors_are_one_line(tmp_path):
         script("plot_curves")(["--runs", str(tmp_path), "--figures", "figure9"])
     with pytest.raises(UserError, match=r"--runs .*does-not-exist: no such folder"):
         script("plot_curves")(["--runs", str(missing)])
+    for margin in ("0", "-1", "nan", "inf"):  # an infinite margin would call every cell equivalent
+        with pytest.raises(UserError, match=f"--margin {margin}.*must be a positive number"):
+            script("make_tables")(["--runs", str(tmp_path), "--out", str(tmp_path / "out"), "--margin", margin])
