@@ -406,6 +406,10 @@ SESSION_MUTANTS: List[Mutant] = [
     M("margin_not_passed_to_tests", "scripts/make_tables.py",
       "synthetic=synthetic, margin=args.margin)\n        md, csv_text", "synthetic=synthetic)\n        md, csv_text",
       f"{T_VERD}::test_table6_equivalence_by_tost", "--margin changes the rule's text but not the TOST"),
+    M("outputs_replaced_by_more_runs", "mbn/results/outputs.py", "    if before == now:\n        return\n",
+      "    if before is not None and before <= now:\n        return\n",
+      f"{T_RES}::test_committed_outputs_are_replaced_only_from_the_same_runs",
+      "a committed table is replaced without --force by one made from more runs (new runs change it silently)"),
     M("collect_leaves_diverged", "scripts/collect_runs.py",
       'runs = [r for r in found if r and r["status"] in IN_TABLES]',
       'runs = [r for r in found if r and r["status"] == "finished"]',
@@ -723,8 +727,9 @@ class TestIndex:
 
 
 # ------------------------------------------------------------------------------------- running
-# one process per mutant run (-n 0: the suite's own -n 2 would start workers for a few tests)
-PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider", "-n", "0"]
+# one process per mutant run (-n 0: the suite's own -n 2 would start workers for a few tests); the
+# baseline, which runs before any mutant, spreads over --jobs workers
+PYTEST = [sys.executable, "-m", "pytest", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
 
 
 def workspace_files(repo: str) -> List[str]:
@@ -755,11 +760,11 @@ RUNNING = set()           # pytest process groups in flight (killed on Ctrl-C)
 STOP = threading.Event()  # set on Ctrl-C: queued mutants are not started
 
 
-def run_pytest(args: List[str], cwd: str, timeout: float):
+def run_pytest(args: List[str], cwd: str, timeout: float, workers: int = 0):
     """(returncode or None on timeout, output). The whole process group goes on timeout or Ctrl-C."""
     env = dict(os.environ, PYTHONPATH=cwd, PYTHONDONTWRITEBYTECODE="1")  # no stale .pyc of a mutant
-    proc = subprocess.Popen(PYTEST + args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(PYTEST + ["-n", str(workers)] + args, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     RUNNING.add(proc)
     try:
         out, _ = proc.communicate(timeout=timeout)
@@ -787,9 +792,9 @@ def covers(selection: str, nodeid: str) -> bool:
     return nodeid == selection or nodeid.startswith(selection + "::") or nodeid.startswith(selection + "[")
 
 
-def baseline_failures(mutants: List[Mutant], root: str, timeout: float) -> List[str]:
+def baseline_failures(mutants: List[Mutant], root: str, timeout: float, workers: int) -> List[str]:
     selections = sorted({t for m in mutants for t in m.tests})
-    code, out = run_pytest(["-rfE", *selections], root, timeout)
+    code, out = run_pytest(["-rfE", *selections], root, timeout, workers if workers > 1 else 0)
     if code is None:
         sys.exit(f"the unmutated tests did not finish within {timeout:.0f} s; raise --timeout")
     if code not in (0, 1):
@@ -856,7 +861,7 @@ def test_all(mutants: List[Mutant], roots: List[str], args, label: str, results:
     if not args.no_baseline and runnable:
         print(f"{label} baseline: the {len({t for m in runnable for t in m.tests})} test selections without "
               "mutants ...", flush=True)
-        failing = baseline_failures(runnable, roots[0], args.timeout * 3)
+        failing = baseline_failures(runnable, roots[0], args.timeout * 3, len(roots))
         for f in failing:
             print(f"  fails unmutated: {f}")
         for m in list(runnable):
