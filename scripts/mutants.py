@@ -26,7 +26,6 @@ per-module run already decides the narrow verdict (its first failure is a narrow
 survived a superset of the narrow selection) the narrow run is not repeated.
 Not part of CI: a full run takes minutes.
 """
-import argparse
 import dataclasses
 import os
 import re
@@ -43,6 +42,9 @@ from queue import Queue
 from typing import List, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from mbn import UserError  # noqa: E402  (light: the error boundary every script shares)
+from mbn.cli import ArgumentParser, run  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -943,7 +945,7 @@ def report(label: str, mutants: List[Mutant], results: dict) -> bool:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__)  # a usage mistake is one line (mbn.cli)
     ap.add_argument("--list", action="store_true", help="list the mutants and whether their snippets match")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
     ap.add_argument("--tests", nargs="+", metavar="SELECTION",
@@ -964,12 +966,12 @@ def main(argv=None) -> int:
     if dupes:
         sys.exit(f"duplicate mutant names: {dupes}")
     if args.tests and args.per_module:
-        sys.exit("--tests and --per-module choose the tests in two different ways; give one of them")
+        raise UserError("--tests and --per-module choose the tests in two different ways; give one of them")
     mutants = MUTANTS
     if args.only:
         unknown = sorted(set(args.only) - set(names))
         if unknown:
-            sys.exit(f"unknown mutants {unknown}; see --list")
+            raise UserError(f"--only: unknown mutants {', '.join(unknown)}; see --list")
         mutants = [m for m in MUTANTS if m.name in args.only]
     if args.tests:
         mutants = [dataclasses.replace(m, tests=tuple(args.tests)) for m in mutants]
@@ -1024,4 +1026,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -69,3 +69,19 @@ def index(tmp_path_factory):
 ])
 def test_own_tests_of_a_file(index, path, tests):
     assert index.tests_for(path) == tuple(f"tests/test_{t}.py" for t in tests)
+
+
+def test_a_mistake_in_the_command_is_one_line(capsys):
+    """mutants.py ends a usage mistake like every script (mbn.cli): a UserError, exit status 2."""
+    from mbn import UserError
+
+    spec = importlib.util.spec_from_file_location("mutants", os.path.join(REPO, "scripts", "mutants.py"))
+    mutants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mutants)
+    for argv, says in ((["--list", "--only", "nope"], "--only: unknown mutants nope; see --list"),
+                       (["--list", "--tests", "a", "--per-module"], "give one of them"),
+                       (["--bogus"], "unrecognized arguments: --bogus")):
+        with pytest.raises(UserError, match=says) as e:
+            mutants.main(argv)
+        assert e.value.exit_code == 2 and "\n" not in str(e.value)
+    assert capsys.readouterr().err == ""  # no argparse usage block
