@@ -3,7 +3,9 @@
 - `RunLock`: `<run dir>/.lock` names the process using the directory (host, pid, the process's
   start time). A second run into the same directory is refused while that process lives; a lock
   left by a killed process (no such pid on this host, or the pid now belongs to a younger process)
-  is taken over. Created with O_EXCL, so two runs starting at once cannot both get it.
+  is taken over. Written whole to a temporary file and then hard-linked into place (which fails
+  if a lock exists), so two runs starting at once cannot both get it and no run ever reads a
+  lock that is still being written: an empty or garbled one was cut short by a crash.
 - `finished_run`: a run is finished when its metrics.json says so; the checkpoint is not needed
   (sweeps delete the checkpoints of finished runs, committed runs in results/ have none), and the
   config it was trained with is read from its run record (keys added since take the values the
@@ -13,6 +15,7 @@ import contextlib
 import json
 import os
 import socket
+import tempfile
 import time
 
 from mbn import UserError
@@ -68,10 +71,26 @@ class RunLock:
         start = _start_time(holder["pid"])
         return holder.get("start") is not None and start is not None and start != holder["start"]
 
+    def _create(self) -> None:
+        """The lock file with its content, in one step: FileExistsError if there is one."""
+        text = json.dumps(self.mine)
+        fd, tmp = tempfile.mkstemp(prefix=LOCK + ".", dir=os.path.dirname(self.path))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: create exclusively, then write
+            with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
+                f.write(text)
+        finally:
+            os.remove(tmp)
+
     def acquire(self) -> None:
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create()
             except FileExistsError:
                 holder = self.holder()
                 if holder is None:
@@ -84,8 +103,6 @@ class RunLock:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path)  # taken over from a killed process
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.mine, f)
             return
         raise UserError(f"could not lock {os.path.dirname(self.path)}: another run keeps taking it; "
                         "choose another hydra.run.dir")

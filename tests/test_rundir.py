@@ -118,3 +118,42 @@ def test_a_committed_run_from_older_code_is_recognised_as_finished(tmp_path, cap
     with pytest.raises(UserError, match="different config.*train.epochs: finished run 3 vs now 4"):
         fit(make_cfg(["model=resnet20", "norm=bn", "train.epochs=4"]), str(run_dir))
     assert tree_digest(run_dir) == before
+
+
+def test_two_runs_locking_at_once_cannot_both_hold_the_dir(tmp_path, monkeypatch):
+    """The lock is written whole before it exists under its name: a second run that looks while the
+    first is writing it sees either no lock or a whole one, never an empty file it would take for
+    the remains of a crash (and take over)."""
+    import threading
+
+    import mbn.rundir
+
+    writing, looked = threading.Event(), threading.Event()
+
+    def slow(write):
+        def wrapped(*args, **kwargs):  # the first run is slow to write its lock
+            if threading.current_thread().name == "first":
+                writing.set()
+                looked.wait(5)
+            return write(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(mbn.rundir.json, "dump", slow(json.dump))
+    monkeypatch.setattr(mbn.rundir.json, "dumps", slow(json.dumps))
+    outcome = {}
+
+    def take(name):
+        try:
+            RunLock(str(tmp_path)).acquire()
+            outcome[name] = "held"
+        except UserError:
+            outcome[name] = "refused"
+
+    first = threading.Thread(target=take, args=("first",), name="first")
+    first.start()
+    writing.wait(5)
+    take("second")  # while the first is writing
+    looked.set()
+    first.join(10)
+    assert sorted(outcome.values()) == ["held", "refused"], outcome
+    assert [f for f in os.listdir(tmp_path) if f != LOCK] == []  # no temporary file left
