@@ -19,7 +19,7 @@ from mbn.data import make_loaders
 from mbn.rundir import RunLock, finished_run
 from mbn.step import Evaluator, TrainStep, precise_data
 from mbn.tracking import (JsonlTracker, Tracker, Trackers, WandbTracker, plural, progress_postfix, run_record,
-                          stop_if_diverged, write_json)
+                          stop_if_diverged, wandb_mode, write_json)
 from mbn.validate import validate
 
 
@@ -177,6 +177,8 @@ def _fit(cfg, cfg_dict, run_dir, overrides, on_start, started, rank, world, devi
     ckpt_path = os.path.join(run_dir, CHECKPOINT)
     done_path = os.path.join(run_dir, "metrics.json")
     state = load_or_check(cfg, cfg_dict, run_dir, ckpt_path, device)
+    # W&B's server is asked before anything is written: a refused logger.mode=online changes nothing
+    mode = wandb_mode(cfg, run_dir) if lead and cfg.logger.name == "wandb" else None
     if lead and on_start is not None:
         on_start()
     start_epoch, step, history, wandb_id = 0, 0, [], None
@@ -188,7 +190,7 @@ def _fit(cfg, cfg_dict, run_dir, overrides, on_start, started, rank, world, devi
         if lead:
             print(f"resuming {run_dir} after epoch {start_epoch} of {run.num_epochs} (step {step})")
 
-    tracker, wandb_id = make_tracker(cfg, cfg_dict, run, run_dir, overrides, history, start_epoch, wandb_id) \
+    tracker, wandb_id = make_tracker(cfg, cfg_dict, run, run_dir, overrides, history, start_epoch, wandb_id, mode) \
         if lead else (Tracker(), wandb_id)
     show = lead and cfg.train.progress and cfg.logger.name != "none"  # logger=none: the epoch lines only
     if lead:
@@ -274,7 +276,7 @@ def load_or_check(cfg, cfg_dict, run_dir, ckpt_path, device):
     return state
 
 
-def make_tracker(cfg, cfg_dict, run, run_dir, overrides, history, start_epoch, wandb_id):
+def make_tracker(cfg, cfg_dict, run, run_dir, overrides, history, start_epoch, wandb_id, mode=None):
     record = run_record(cfg_dict, overrides, run.device)
     record.update(steps_per_epoch=run.per_epoch, total_steps=run.total_steps, epochs=run.num_epochs,
                   world_size=run.world, perf=run.perf)
@@ -282,7 +284,7 @@ def make_tracker(cfg, cfg_dict, run, run_dir, overrides, history, start_epoch, w
     write_json(os.path.join(run_dir, name), record)
     trackers = [JsonlTracker(run_dir, history)]
     if cfg.logger.name == "wandb":
-        trackers.append(WandbTracker(cfg, cfg_dict, record, run_dir, overrides, wandb_id))
+        trackers.append(WandbTracker(cfg, cfg_dict, record, run_dir, overrides, wandb_id, mode))
         wandb_id = trackers[-1].id
     return Trackers(trackers), wandb_id
 

@@ -238,29 +238,36 @@ def wandb_server_error(timeout: float = PROBE_TIMEOUT_S):
     return None
 
 
-class WandbTracker(Tracker):
-    """One W&B run per training run. Online needs the server: it is probed first (a few seconds);
+def wandb_mode(cfg, run_dir: str) -> str:
+    """The W&B mode a run logs in. Online needs the server: it is probed first (a few seconds);
     without an answer a run whose mode was chosen automatically (an API key is configured) logs
-    offline, saying so, and an explicit logger.mode=online ends in one line."""
+    offline, saying so, and an explicit logger.mode=online ends in one line. Called before the run
+    writes anything (mbn.engine), so that refusal leaves the run dir as it was."""
+    mode = cfg.logger.mode or os.environ.get("WANDB_MODE")
+    chosen = mode is not None
+    if mode is None:
+        mode = "online" if (os.environ.get("WANDB_API_KEY") or _has_netrc_key()) else "offline"
+    if mode == "online":
+        unreachable = wandb_server_error()
+        if unreachable and chosen:
+            raise EnvironmentFault(f"W&B server {unreachable} and logger.mode=online; log offline with "
+                                   "logger.mode=offline (upload later with wandb sync) or check the network")
+        if unreachable:
+            mode = "offline"
+            print(f"W&B server {unreachable}: logging offline into {run_dir}/wandb/; upload later with "
+                  f"`wandb sync {run_dir}/wandb/offline-run-*`", flush=True)
+    return mode
+
+
+class WandbTracker(Tracker):
+    """One W&B run per training run, in the mode `wandb_mode` chose (by default it chooses now)."""
 
     wants_steps = True
 
-    def __init__(self, cfg, cfg_dict, record, run_dir, overrides, resume_id=None):
+    def __init__(self, cfg, cfg_dict, record, run_dir, overrides, resume_id=None, mode=None):
         import wandb  # only with logger=wandb
 
-        mode = cfg.logger.mode or os.environ.get("WANDB_MODE")
-        chosen = mode is not None
-        if mode is None:
-            mode = "online" if (os.environ.get("WANDB_API_KEY") or _has_netrc_key()) else "offline"
-        if mode == "online":
-            unreachable = wandb_server_error()
-            if unreachable and chosen:
-                raise EnvironmentFault(f"W&B server {unreachable} and logger.mode=online; log offline with "
-                                       "logger.mode=offline (upload later with wandb sync) or check the network")
-            if unreachable:
-                mode = "offline"
-                print(f"W&B server {unreachable}: logging offline into {run_dir}/wandb/; upload later with "
-                      f"`wandb sync {run_dir}/wandb/offline-run-*`", flush=True)
+        mode = mode or wandb_mode(cfg, run_dir)
         tags = [cfg.model.name, cfg.norm.name, cfg.data.name, f"bs{cfg.train.batch_size}"]
         try:
             self.run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, mode=mode,

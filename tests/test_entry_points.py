@@ -199,7 +199,7 @@ def test_wandb_gets_per_step_curves_read_once_per_epoch(tmp_path, monkeypatch):
         def finish(self):
             pass
 
-    def init(self, cfg, cfg_dict, record, run_dir, overrides, resume_id=None):
+    def init(self, cfg, cfg_dict, record, run_dir, overrides, resume_id=None, mode=None):
         self.run, self.id = FakeRun(), "fake"
 
     monkeypatch.setattr(tracking.WandbTracker, "__init__", init)
@@ -261,3 +261,15 @@ def test_eval_py_takes_run_dir_or_ckpt_not_both(tmp_path):
     with pytest.raises(UserError, match=r"give run_dir=<dir> or ckpt=<file> \(one of them\)"):
         eval_script.parse([f"run_dir={tmp_path}", f"ckpt={tmp_path / 'checkpoint.pt'}"])
     assert eval_script.parse([f"ckpt={tmp_path / 'checkpoint.pt'}"]).run_dir is None
+
+
+def test_a_run_refused_for_an_unreachable_wandb_server_writes_nothing(tmp_path, monkeypatch):
+    """logger.mode=online without a server is refused before the run writes its record, its
+    metrics.jsonl or Hydra's files (on_start): the run dir stays as it was."""
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    started = []
+    with pytest.raises(EnvironmentFault, match="127.0.0.1:9 does not answer"):
+        fit(make_cfg(ONE + ["logger=wandb", "logger.mode=online"]), str(tmp_path / "run"),
+            on_start=lambda: started.append(True))
+    assert not started and os.listdir(tmp_path / "run") == []  # fit made it for its lock; train.py removes it
