@@ -17,7 +17,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from mbn import UserError, cli, preempt  # noqa: E402
 from mbn.config import CONFIGS, group_options, norm_configs, register_configs  # noqa: E402
-from mbn.validate import help_lines, hydra_error, validate  # noqa: E402
+from mbn.validate import Preflight, help_lines, hydra_error, validate  # noqa: E402
 
 register_configs()
 
@@ -25,10 +25,17 @@ STARTED = []  # the task function has run: errors from then on are not about the
 USAGE = "python train.py model=resnet56 norm=mbn [data=cifar100] [experiment=smoke] [key=value ...]"
 
 
-def discard_unstarted(run_dir: str) -> None:
-    """A run refused before it started leaves nothing behind: remove the run dir when it is empty
-    (Hydra or the preflight check made it), and its parents under the working directory that are
-    left empty."""
+def discard_unstarted(run_dir: str, multirun: bool) -> None:
+    """A run refused before it started leaves nothing behind: remove the folders made for it while
+    they are empty — a single run's: those the preflight check created (Preflight.created; never a
+    folder that existed before, even empty); a multirun job's: its dir, which Hydra made, and its
+    parents under the working directory that are left empty."""
+    if not multirun:
+        for path in Preflight.created:  # deepest first
+            if not os.path.isdir(path) or os.listdir(path):
+                return
+            os.rmdir(path)
+        return
     if not os.path.isdir(run_dir) or os.listdir(run_dir):
         return
     os.rmdir(run_dir)
@@ -60,7 +67,7 @@ def train(cfg, run_dir: str, multirun: bool, overrides) -> int:
         summary = fit(cfg, run_dir, overrides, on_start=lambda: save_hydra_files(run_dir, cfg))
     except UserError as e:
         if e.exit_code != cli.EXIT_DIVERGED:
-            discard_unstarted(run_dir)  # e.g. a normalizer's own check of its hyper-parameters
+            discard_unstarted(run_dir, multirun)  # e.g. a normalizer's own check of its hyper-parameters
             raise
         preempt.disarm()  # the sweep goes on with its next run
         if not multirun:

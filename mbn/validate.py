@@ -479,7 +479,11 @@ class Preflight(Callback):
     """Checks a single run's composed config before Hydra creates its run directory, and creates
     that directory itself so that a location it cannot write is named with its key
     (configs/train.yaml registers it in hydra.callbacks). Hydra turns a callback's exceptions into
-    warnings, so a refusal ends the process here (mbn.cli.guarded: one line, SystemExit)."""
+    warnings, so a refusal ends the process here (mbn.cli.guarded: one line, SystemExit).
+    `created`: the folders it made for the run dir, deepest first — all a refused run may remove
+    again (a folder that existed before, even empty, is the user's)."""
+
+    created: Tuple[str, ...] = ()
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         from mbn.cli import guarded
@@ -494,6 +498,11 @@ class Preflight(Callback):
 
         validate(config)
         run_dir = str(OmegaConf.select(config, "hydra.run.dir"))
+        missing, path = [], os.path.abspath(run_dir)
+        while not os.path.exists(path) and os.path.dirname(path) != path:
+            missing.append(path)
+            path = os.path.dirname(path)
+        Preflight.created = tuple(missing)
         try:
             os.makedirs(run_dir, exist_ok=True)
         except OSError as e:

@@ -16,7 +16,8 @@ way the file is restored byte for byte (and its mtime) after each mutant, on Ctr
 A mutant is KILLED when its tests fail (or time out, or no longer import), SURVIVED when they pass.
 A snippet that no longer occurs exactly once is STALE: reported, never silently skipped, so the list
 stays honest as the code changes; fix the snippet or drop the mutant. Tests that already fail
-without any mutant (checked first, once) make their mutants BASELINE-FAIL, not scored.
+without any mutant (checked first, once) are deselected from each mutant's run, and a mutant whose
+selection is nothing but such tests is BASELINE-FAIL, not scored.
 
 Two scores. The narrow selection (each mutant's `tests`) says whether some test catches the bug.
 `--per-module` also asks whether the mutated file's OWN tests catch it, on their own: its
@@ -435,7 +436,8 @@ SESSION_MUTANTS: List[Mutant] = [
       "tests/test_constraints.py::test_train_py_refuses_in_one_line_and_creates_nothing",
       "data.num_classes=5 with CIFAR-10 is accepted (a 5-way classifier on 10 labels)"),
     M("refused_run_dir_left", "train.py",
-      "            discard_unstarted(run_dir)  # e.g. a normalizer's own check of its hyper-parameters\n", "",
+      "            discard_unstarted(run_dir, multirun)  # e.g. a normalizer's own check of its hyper-parameters\n",
+      "",
       f"{T_ERR}::test_a_run_refused_inside_fit_leaves_no_run_dir",
       "a run refused inside fit (NormProp on a ResNet) leaves its empty run dir behind"),
     M("eval_run_dir_and_ckpt", "eval.py", "if (cfg.run_dir is None) == (cfg.ckpt is None):",
@@ -866,10 +868,15 @@ def test_all(mutants: List[Mutant], roots: List[str], args, label: str, results:
         failing = baseline_failures(runnable, roots[0], args.timeout * 3, len(roots))
         for f in failing:
             print(f"  fails unmutated: {f}")
-        for m in list(runnable):
-            if any(covers(t, f) for t in m.tests for f in failing):
+        for i, m in reversed(list(enumerate(runnable))):
+            broken = [f for f in failing if any(covers(t, f) for t in m.tests)]
+            if not broken:
+                continue
+            if all(t in broken for t in m.tests):  # nothing left to run
                 results[m.name] = ("BASELINE-FAIL", 0.0, "")
-                runnable.remove(m)
+                del runnable[i]
+            else:  # the rest of its selection still decides, without the tests that fail anyway
+                runnable[i] = dataclasses.replace(m, tests=m.tests + tuple(f"--deselect={f}" for f in broken))
     free: Queue = Queue()
     for r in roots:
         free.put(r)

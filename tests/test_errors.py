@@ -259,11 +259,22 @@ def test_a_run_refused_inside_fit_leaves_no_run_dir(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("_train_script", os.path.join(REPO, "train.py"))
     train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train)
+    from omegaconf import open_dict
+
+    from mbn.validate import Preflight
+
+    monkeypatch.setattr(Preflight, "created", ())  # what the check records, undone after the test
     run_dir = tmp_path / "runs" / "r"
-    run_dir.mkdir(parents=True)  # as the preflight check leaves it
-    with pytest.raises(UserError, match="norm=normprop is defined for plain networks only"):
-        train.train(make_cfg(TINY + ["model=resnet20", "norm=normprop"]), str(run_dir), False, [])
-    assert not run_dir.exists()
+    cfg = make_cfg(TINY + ["model=resnet20", "norm=normprop"])
+    with open_dict(cfg):
+        cfg.hydra = {"run": {"dir": str(run_dir)}}
+    for existed in (False, True):  # a folder that existed before, even empty, is the user's: kept
+        if existed:
+            run_dir.mkdir(parents=True)
+        Preflight.check(cfg)  # Hydra's callback: makes the run dir
+        with pytest.raises(UserError, match="norm=normprop is defined for plain networks only"):
+            train.train(cfg, str(run_dir), False, [])
+        assert run_dir.is_dir() if existed else not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
