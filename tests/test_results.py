@@ -387,3 +387,13 @@ def test_table_script_errors_are_one_line(tmp_path):
     for margin in ("0", "-1", "nan", "inf"):  # an infinite margin would call every cell equivalent
         with pytest.raises(UserError, match=f"--margin {margin}.*must be a positive number"):
             script("make_tables")(["--runs", str(tmp_path), "--out", str(tmp_path / "out"), "--margin", margin])
+
+
+def test_every_open_choice_in_results_readme_gives_its_reason():
+    """Issue 17.7: each row of 'Choices the paper leaves open' says what we do *and why*."""
+    with open(os.path.join(REPO, "results", "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    table = text.split("## Choices the paper leaves open", 1)[1].split("\n\n|", 1)[1].split("\n\n", 1)[0]
+    rows = [line for line in ("|" + table).splitlines()[2:] if line.startswith("| ")]
+    assert len(rows) >= 15
+    assert [r[:60] for r in rows if "*Why*" not in r.split(" | ")[1]] == []
