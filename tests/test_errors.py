@@ -76,7 +76,11 @@ def test_every_scheduled_value_is_checked_and_the_paper_configs_pass():
             else:
                 assert found == [], (norm, data)
     bad = problems(make_cfg(["norm=brn", "norm.relax_start=1.5", "norm.r_max=0.5", "schedule.milestones=[0.6,0.4]"]))
-    assert [p.split("=")[0] for p in bad] == ["norm.r_max", "norm.relax_start", "schedule.milestones"]
+    assert [p.split("=")[0] for p in bad] == ["norm.r_max", "norm.relax_start", "norm.r_max_end", "norm.d_max_end",
+                                              "schedule.milestones"]  # the ends before relax_start=1.5, too
+    # BRN relaxes from relax_start to each end: an end before the start is refused, not silently a jump
+    assert problems(make_cfg(["norm=brn", "norm.relax_start=0.3", "norm.r_max_end=0.2"])) == [
+        "norm.r_max_end=0.2 (BRN's r_max_end (a fraction of training)): must be >= norm.relax_start=0.3"]
     assert "need 1 milestone," in problems(make_cfg(["norm=mbn", "norm.lam=[0.1,0.9]"]))[0]
     assert problems(make_cfg(["norm=mbn", "norm.lam=[0.5]", "norm.eta=1.5"])) == [
         "norm.eta=1.5: MBN's η (decay of an older batch's weight) must lie in [0, 1]; the paper's is 0.9"]

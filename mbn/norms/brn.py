@@ -12,7 +12,7 @@ import torch
 from mbn.norms.base import BatchStatNorm
 from mbn.norms.registry import NormConfig, NormSpec, fields, register
 from mbn.schedules import linear_ramp
-from mbn.validate import Range, key, nonnegative, unit
+from mbn.validate import NotBelow, Range, key, nonnegative, unit
 
 
 def renorm_stats(mean, std, ref_mean, ref_std, r_max, d_max):
@@ -99,8 +99,8 @@ class BRNConfig(NormConfig):
     r_max: float = key(3.0, "BRN's r_max (reached at r_max_end)", Range(1))
     d_max: float = key(5.0, "BRN's d_max (reached at d_max_end)", nonnegative)
     relax_start: float = key(0.064, "BRN's relax_start (r_max = 1, d_max = 0 until this fraction of training)", unit)
-    r_max_end: float = key(0.512, "BRN's r_max_end (a fraction of training)", unit)
-    d_max_end: float = key(0.32, "BRN's d_max_end (a fraction of training)", unit)
+    r_max_end: float = key(0.512, "BRN's r_max_end (a fraction of training)", unit, NotBelow("norm.relax_start"))
+    d_max_end: float = key(0.32, "BRN's d_max_end (a fraction of training)", unit, NotBelow("norm.relax_start"))
 
 
 register("brn", NormSpec(BatchRenorm2d, BRNConfig,
