@@ -78,6 +78,7 @@ class RunLock:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
+            os.chmod(tmp, 0o644)  # readable by whoever looks (mkstemp makes it 0600)
             os.link(tmp, self.path)
         except FileExistsError:
             raise
@@ -108,8 +109,10 @@ class RunLock:
                         "choose another hydra.run.dir")
 
     def release(self) -> None:
+        """Remove the lock; where that fails (the disk turned read-only) the error that ended the
+        run is the one to report, and the lock, naming this process, is stale once it exits."""
         if self.holder() == self.mine:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 os.remove(self.path)
 
     def __enter__(self):

@@ -157,3 +157,18 @@ def test_two_runs_locking_at_once_cannot_both_hold_the_dir(tmp_path, monkeypatch
     first.join(10)
     assert sorted(outcome.values()) == ["held", "refused"], outcome
     assert [f for f in os.listdir(tmp_path) if f != LOCK] == []  # no temporary file left
+
+
+def test_a_lock_that_cannot_be_removed_does_not_hide_the_error_that_ended_the_run(tmp_path, monkeypatch):
+    """The disk turned read-only mid-run: the run's own error (its metrics or checkpoint could not
+    be written) is reported, not the lock's removal; the lock is readable by every user."""
+    import errno
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    with pytest.raises(UserError, match="could not write the checkpoint"):
+        with RunLock(str(tmp_path)):
+            assert oct((tmp_path / LOCK).stat().st_mode & 0o777) == "0o644"
+            monkeypatch.setattr(os, "remove", read_only)
+            raise UserError("could not write the checkpoint (the disk turned read-only)")
