@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from mbn import UserError
+from mbn.cli import environment_fault
 
 LOCK = ".lock"
 
@@ -79,12 +80,18 @@ class RunLock:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
             os.chmod(tmp, 0o644)  # readable by whoever looks (mkstemp makes it 0600)
-            os.link(tmp, self.path)
-        except FileExistsError:
-            raise
-        except OSError:  # a filesystem without hard links: create exclusively, then write
-            with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
-                f.write(text)
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                raise
+            except OSError:  # a filesystem without hard links: create exclusively, then write
+                with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as f:
+                    try:
+                        f.write(text)
+                        f.flush()
+                    except OSError:
+                        os.remove(self.path)
+                        raise
         finally:
             os.remove(tmp)
 
@@ -104,6 +111,9 @@ class RunLock:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path)  # taken over from a killed process
                 continue
+            except OSError as e:  # a full or read-only disk: say which file (a write's error names none)
+                e.filename = e.filename or self.path
+                raise environment_fault(e, "cannot lock the run dir:") from None
             return
         raise UserError(f"could not lock {os.path.dirname(self.path)}: another run keeps taking it; "
                         "choose another hydra.run.dir")

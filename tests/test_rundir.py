@@ -172,3 +172,31 @@ def test_a_lock_that_cannot_be_removed_does_not_hide_the_error_that_ended_the_ru
             assert oct((tmp_path / LOCK).stat().st_mode & 0o777) == "0o644"
             monkeypatch.setattr(os, "remove", read_only)
             raise UserError("could not write the checkpoint (the disk turned read-only)")
+
+
+def test_a_full_disk_when_locking_names_the_lock_and_leaves_nothing(tmp_path, monkeypatch):
+    """No space for the lock: one line naming it (exit 4), no empty .lock or temporary file left;
+    and on a filesystem without hard links the lock is still written whole."""
+    import errno
+    import io
+
+    from mbn.cli import EXIT_ENVIRONMENT
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_fdopen, real_link = os.fdopen, os.link
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: (os.close(fd), Full())[1])
+    with pytest.raises(UserError, match=rf"cannot lock the run dir: {tmp_path / LOCK}: no space left") as e:
+        RunLock(str(tmp_path)).acquire()
+    assert e.value.exit_code == EXIT_ENVIRONMENT and os.listdir(tmp_path) == []
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted", src)
+
+    monkeypatch.setattr(os, "link", no_links)
+    with RunLock(str(tmp_path)) as held:
+        assert json.loads((tmp_path / LOCK).read_text()) == held.mine and os.listdir(tmp_path) == [LOCK]
+    monkeypatch.setattr(os, "link", real_link)
