@@ -92,6 +92,19 @@ def restrict(block: Optional[dict], key: str, wanted) -> Optional[dict]:
     return dict(block, **{key: kept}) if kept else None
 
 
+def check_restriction(grid_list, models, norms) -> None:
+    """--models/--norms that leave none of these grids' cells is a mistake in the command (a
+    sweep or plan of nothing would look done): one line naming what the grids have."""
+    if models is None and norms is None:
+        return
+    blocks = [b for g in grid_list for b in g.blocks]
+    if any(restrict(restrict(b, "model", models), "norm", norms) for b in blocks):
+        return
+    have = {key: sorted({str(v) for b in blocks for v in b.get(key, ())}) for key in ("model", "norm")}
+    raise UserError(f"--models/--norms leave no run of {', '.join(g.name for g in grid_list)}, whose cells have "
+                    f"models {', '.join(have['model']) or '(any)'} and norms {', '.join(have['norm']) or '(any)'}")
+
+
 def default_name(epochs: int, extra: Sequence[str]) -> str:
     """A runs folder's name: e<epochs>, plus the data when an extra override replaces the grids'
     (e2-synthetic)."""
@@ -335,6 +348,8 @@ def build(runs_dir: str, epochs: int, seeds: Sequence[int], extra: Sequence[str]
     extra = list(extra)
     per_epoch = steps_per_epoch_at_128(extra)
     all_grids = grids(epochs, per_epoch)
+    check_restriction([all_grids[t] for t in dict.fromkeys(s.table for s in SUITE)
+                       if tables is None or t in tables], models, norms)
     index = RunIndex(runs_dir)
     planned: Dict[str, PlannedRun] = {}
     blocks = []

@@ -351,6 +351,7 @@ def cmd_table(args) -> int:
     seeds = list(range(args.seeds))
     per_epoch = steps_per_epoch_at_128(args.overrides)
     all_grids = grids(args.epochs, per_epoch)
+    planner.check_restriction([all_grids[t] for t in tables], args.models, args.norms)
     have = set(planner.choices("norm"))
     launcher = args.launcher or ("joblib" if args.jobs > 1 else "basic")
     launch = {"basic": [], "joblib": ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={args.jobs}"],

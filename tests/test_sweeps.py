@@ -161,6 +161,8 @@ def own_compile_cache(tmp_path, monkeypatch):
     (["table1", "--", "seeds"], "'seeds' is not a key=value override"),
     (["plan", "--runs", __file__], "is a file, not a runs folder"),
     (["plan", "--bench", "/nonexistent/bench.md"], "--bench /nonexistent/bench.md: no such file"),
+    (["table1", "--norms", "gn"], "--models/--norms leave no run of table1, whose cells have models nin, resnet20"),
+    (["plan", "--tables", "table6", "--models", "vgg16"], "leave no run of table6, whose cells have models resnet20"),
 ])
 def test_sweep_refuses_bad_arguments_with_one_line(argv, says, tmp_path):
     from mbn import UserError
