@@ -61,9 +61,9 @@ def describe_os_error(e: OSError, doing: str = "") -> str:
 
 
 def environment_fault(e: OSError, doing: str = "") -> UserError:
-    """The UserError for an OSError: a missing file is the user's input (exit 2), the rest the
-    machine's (exit 4)."""
-    cls = UserError if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR) else EnvironmentFault
+    """The UserError for an OSError: a path that is missing, or a file where a folder belongs (or
+    the reverse), is the user's input (exit 2); the rest is the machine's (exit 4)."""
+    cls = UserError if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST) else EnvironmentFault
     return cls(describe_os_error(e, doing))
 
 

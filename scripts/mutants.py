@@ -444,7 +444,7 @@ SESSION_MUTANTS: List[Mutant] = [
       "if cfg.run_dir is None and cfg.ckpt is None:", f"{T_EP}::test_eval_py_takes_run_dir_or_ckpt_not_both",
       "eval.py takes run_dir and ckpt together (ckpt silently wins)"),
     M("read_only_disk_is_a_usage_error", "mbn/cli.py",
-      "cls = UserError if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR) else EnvironmentFault",
+      "cls = UserError if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST) else EnvironmentFault",
       "cls = EnvironmentFault if e.errno in (errno.EACCES, errno.EPERM) else UserError",
       f"{T_EP}::test_a_run_dir_on_a_read_only_filesystem_is_one_line",
       "only permission errors are the machine's: a read-only or full disk exits 2 as a mistake in the command"),

@@ -397,3 +397,15 @@ def test_every_open_choice_in_results_readme_gives_its_reason():
     rows = [line for line in ("|" + table).splitlines()[2:] if line.startswith("| ")]
     assert len(rows) >= 15
     assert [r[:60] for r in rows if "*Why*" not in r.split(" | ")[1]] == []
+
+
+def test_collect_into_an_out_that_is_a_file_is_a_mistake_in_the_command(tmp_path, capsys):
+    """--out names a file: exit 2 (the command's mistake), not 4 (the machine's), and the file is kept."""
+    from mbn.cli import guarded
+
+    out = tmp_path / "a-file"
+    out.write_text("mine")
+    with pytest.raises(SystemExit) as e:  # through the scripts' boundary, as `python scripts/...` runs
+        guarded(script("collect_runs"), ["--runs", os.path.join(REPO, "results", "runs", "e3"), "--out", str(out)])
+    assert e.value.code == 2 and f"error: {out}: it exists already" in capsys.readouterr().err
+    assert out.read_text() == "mine"

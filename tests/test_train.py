@@ -183,8 +183,10 @@ def test_cli_bad_batch_sizes_are_clear_errors(tmp_path):
     assert "must be >= train.batch_size=1000" in r.stderr and not (tmp_path / "b").exists()
 
 
-def test_eval_cli_errors():
+def test_eval_cli_errors(tmp_path):
     r = run_cli("eval.py", "run_dir=/nonexistent")
+    assert r.returncode == 2 and "run_dir /nonexistent: no such folder" in r.stderr and no_traceback(r)
+    r = run_cli("eval.py", f"run_dir={tmp_path}")  # a folder, but no run in it
     assert r.returncode == 2 and "no checkpoint" in r.stderr and no_traceback(r)
     r = run_cli("eval.py")
     assert r.returncode == 2 and "give run_dir=<dir> or ckpt=<file>" in r.stderr
