@@ -301,9 +301,37 @@ def _value(cfg, dotted):
     return OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
 
 
-def closest(name: str, candidates) -> str:
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+def closest(name: str, candidates, elsewhere=()) -> str:
+    """'; did you mean X?': a key of the same name in another section, the shallowest first
+    (train.device -> device),
+    else the closest of `candidates` (the siblings), else the closest key of `elsewhere`."""
+    leaf = name.rpartition(".")[2]
+    match = (sorted((k for k in elsewhere if k != name and k.rpartition(".")[2] == leaf), key=lambda k: k.count("."))
+             or difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+             or difflib.get_close_matches(name, [k for k in elsewhere if k != name], n=1, cutoff=0.6))
     return f"; did you mean {match[0]}?" if match else ""
+
+
+def dotted_keys(node, prefix: str = "") -> list:
+    """Every declared leaf key under a structured-config node, dotted (Hydra's own keys left out)."""
+    fields = schema_fields(node) or {}
+    out = []
+    for name in fields:
+        if prefix == "" and name == "hydra":
+            continue
+        try:
+            child = node._get_node(name)
+        except (AttributeError, KeyError, OmegaConfBaseException):
+            continue
+        inner = dotted_keys(child, f"{prefix}{name}.") if isinstance(child, DictConfig) and not child._is_missing() else []
+        out.extend(inner or [f"{prefix}{name}"])
+    return out
+
+
+def _root(node):
+    while node is not None and node._get_parent() is not None:
+        node = node._get_parent()
+    return node
 
 
 def _shown(v) -> str:
@@ -324,7 +352,7 @@ def _walk(cfg, node, prefix, found):
         if name not in fields:
             raw = node._get_node(name)._value()
             siblings = [f"{prefix}{f}" for f in fields]
-            found.append(f"{dotted}={_shown(raw)}: unknown key{closest(dotted, siblings)} "
+            found.append(f"{dotted}={_shown(raw)}: unknown key{closest(dotted, siblings, dotted_keys(cfg))} "
                          f"({PROGRAM[0]} --help lists the keys)")
             continue
         child = node._get_node(name)
@@ -456,7 +484,9 @@ def hydra_error(e: BaseException) -> Optional[UserError]:
         if "not in" in text and full_key and dataclasses.is_dataclass(typ):  # an unknown key
             prefix = full_key.rpartition(".")[0]
             siblings = [f"{prefix}.{f.name}" if prefix else f.name for f in dataclasses.fields(typ)]
-            return UserError(f"{full_key}: unknown key{closest(full_key, siblings)} "
+            root = _root(getattr(cause, "parent_node", None))
+            elsewhere = dotted_keys(root) if isinstance(root, DictConfig) else ()
+            return UserError(f"{full_key}: unknown key{closest(full_key, siblings, elsewhere)} "
                              f"({PROGRAM[0]} --help lists the keys)")
         where = f"{full_key}: " if full_key else ""
         decl = schema_keys(typ).get(full_key.rpartition(".")[2]) if full_key and dataclasses.is_dataclass(typ) else None

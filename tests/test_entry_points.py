@@ -26,6 +26,9 @@ ONE = TINY + ["train.epochs=1", "train.precise_batches=0"]
 @pytest.mark.parametrize("args,says", [
     (["train.batchsize=32"], "train.batchsize: unknown key; did you mean train.batch_size?"),
     (["+optim.lrr=0.1"], "optim.lrr=0.1: unknown key; did you mean optim.lr?"),
+    (["train.device=cpu"], "train.device: unknown key; did you mean device?"),  # a key of another section
+    (["+train.seed=1"], "train.seed=1: unknown key; did you mean seed?"),  # the shallowest of seed, data.seed
+    (["train.lr=0.05"], "train.lr: unknown key; did you mean optim.lr?"),
     (["train.epochs=abc"], "train.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
     (["norm=mbm"], "norm=mbm: no such option; did you mean mbn?"),
     (["train.epochs=[1"], "cannot read the override"),
@@ -59,6 +62,7 @@ def test_help_of_both_entry_points_needs_no_torch():
 @pytest.mark.parametrize("args,says", [
     ([], "give run_dir=<dir> or ckpt=<file>"),
     (["ckpt=x", "precise_batch=3"], "precise_batch: unknown key; did you mean precise_batches?"),
+    (["ckpt=x", "root=/data"], "root: unknown key; did you mean data.root?"),
     (["ckpt=x", "eval_stats=best"], "eval_stats=best: "),
     (["ckpt=x", "precise_batches=-1"], "precise_batches=-1: "),
     (["ckpt"], "arguments are key=value"),
