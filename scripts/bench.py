@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402
 from mbn import compile_cache  # noqa: E402
 from mbn.build import resolve_device  # noqa: E402
-from mbn.cli import ArgumentParser, run, whole_number  # noqa: E402
+from mbn.cli import ArgumentParser, EnvironmentFault, run, whole_number  # noqa: E402
 from mbn.engine import Run  # noqa: E402
 from mbn.results import REPO, compose  # noqa: E402
 from mbn.stacked import StackedRun  # noqa: E402
@@ -48,6 +48,7 @@ CONFIGS = {"a": ("reference eager fp32, nn.BatchNorm2d", None, False, ()),
            "f": ("ours BN-1, no CUDA graph", "bn", False, ("perf.cuda_graph=false",)),
            "g": ("ours BN-1, {k} seeds stacked in one process", "bn", False, ()),
            "h": ("ours MBN-2, {k} seeds stacked in one process", "mbn", True, ())}
+BENCH_MD = os.path.join(REPO, "results", "bench.md")  # read by mbn/plan.py for its GPU-time estimates
 STACKED = "gh"  # configurations that train --seeds models at once (mbn.stacked)
 
 
@@ -175,10 +176,15 @@ def main(argv=None):
                     help="torch.compile's cache folder (default: $MBN_COMPILE_CACHE, else torch's own)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke sizes: resnet20, batch 8 and 4 (or as given), 3 steps")
     ap.add_argument("--json", action="store_true", help="print one JSON line per measurement only")
-    ap.add_argument("--out", default=os.path.join(REPO, "results", "bench.md"))
+    ap.add_argument("--out", default=None, help="the table's file (default: results/bench.md for a GPU measurement; "
+                                                "a CPU or --tiny run writes nothing unless given --out)")
     args = ap.parse_args(argv)
     compile_cache.use(args.compile_cache, key="--compile-cache")
     device = resolve_device(args.device)
+    if device.type != "cuda" and args.device == "auto" and not args.tiny:
+        raise EnvironmentFault("no CUDA device is visible and bench.py measures a GPU; python scripts/bench.py "
+                               "--tiny --device cpu proves it runs on a CPU")
+    out = args.out or (BENCH_MD if device.type == "cuda" and not args.tiny else None)
     extra = ()
     if args.tiny:
         args.model, args.batch_sizes = "resnet20", args.batch_sizes or [8, 4]
@@ -195,8 +201,12 @@ def main(argv=None):
     text = table(rows, f"Training throughput: {args.model}, images/s after {args.warmup} warm-up steps, "
                        f"{args.steps} timed steps" + (" (--tiny: CPU smoke sizes, not a measurement)" if args.tiny else ""))
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    if out is None:
+        print(f"not written to {os.path.relpath(BENCH_MD)}: a CPU or --tiny run is not a GPU measurement "
+              "(sweep.py plan reads that file for its estimates); --out FILE keeps this table")
+        return 0
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
         f.write(text)
     return 0
 

@@ -32,6 +32,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 PHASES = ["correct", "bench", "packed", "train"]
+BENCH_MD = os.path.join(REPO, "results", "bench.md")  # read by mbn/plan.py for its GPU-time estimates
 PACKED_N = {False: 8, True: 2}  # (not dry, dry): concurrent processes of the packed phase = seeds stacked by (g), (h)
 
 
@@ -184,7 +185,9 @@ def main(argv=None):
     ap.add_argument("--compile-cache", default=None,
                     help="torch.compile's cache folder for every process (default: $MBN_COMPILE_CACHE, else "
                          "runs/compile_cache); carry it to the next machine for warm starts")
-    ap.add_argument("--bench-md", default=os.path.join(REPO, "results", "bench.md"))
+    ap.add_argument("--bench-md", default=None,
+                    help="where the bench table goes besides <out>/bench.md (default: results/bench.md; a --dry "
+                         "rehearsal writes only <out>/bench.md, its timings are not measurements)")
     ap.add_argument("--commit", default=None,
                     help="the commit the code was taken from, where the machine's copy has no usable git")
     ap.add_argument("--report", metavar="LOG",
@@ -193,7 +196,7 @@ def main(argv=None):
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.report:
-        return report(args.report, args.bench_md, args.commit)
+        return report(args.report, args.bench_md or BENCH_MD, args.commit)
     if args.child:
         spec = json.loads(args.child)
         print(json.dumps(child(spec), default=str), flush=True)
@@ -242,7 +245,9 @@ def main(argv=None):
         train(check, env, args.data_root, dry)
     if bench:
         text = render(check.rows, dry)
-        for path in (args.bench_md, os.path.join(args.out, "bench.md")):
+        for path in (args.bench_md or (None if dry else BENCH_MD), os.path.join(args.out, "bench.md")):
+            if path is None:
+                continue
             with open(path, "w") as f:
                 f.write(text)
     print(f"\n{len(check.rows)} checks, {len(check.failures)} failed")

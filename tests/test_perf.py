@@ -126,16 +126,43 @@ def test_bench_runs_on_cpu_and_writes_its_table(tmp_path, capsys):
     assert [row["key"] for row in rows] == ["a", "b", "a", "b"] and all(row["images_per_s"] > 0 for row in rows)
 
 
+def test_bench_on_a_cpu_never_replaces_the_gpu_table(tmp_path, capsys, monkeypatch):
+    """results/bench.md holds GPU measurements (sweep.py plan's estimates): bench.py without a GPU
+    refuses to measure (exit 4), and a CPU run without --out prints its table and writes nothing."""
+    import importlib.util
+
+    from mbn.cli import EnvironmentFault
+
+    spec = importlib.util.spec_from_file_location("bench", os.path.join(REPO, "scripts", "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    written = []
+    monkeypatch.setattr(bench, "BENCH_MD", str(tmp_path / "bench.md"))  # were it written, here
+    monkeypatch.setattr(bench, "measure", lambda k, *a, **kw: written.append(k) or {
+        "key": k, "label": k, "model": "resnet20", "batch": 4, "images_per_s": 1.0, "perf": {}})
+    monkeypatch.setattr(bench, "table", lambda rows, title: f"# {title}\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(EnvironmentFault, match="no CUDA device is visible"):
+        bench.main([])
+    assert written == []
+    assert bench.main(["--tiny", "--device", "cpu", "--only", "a", "--batch-sizes", "4"]) == 0
+    assert written == ["a"] and "not written to" in capsys.readouterr().out
+    assert not (tmp_path / "bench.md").exists()
+
+
 @pytest.mark.slow  # ~40 s of processes; Check.run itself: the crash test below
 def test_gpu_check_help_and_dry_rehearsal(tmp_path):
     """The GPU check's orchestration on a CPU: bench configurations and the train.py run, each in its
-    own process, a JSON line each, bench.md written, exit 0."""
+    own process, a JSON line each, bench.md written beside them, exit 0 — and results/bench.md, which
+    holds GPU measurements, left as it was."""
     r = run_cli("scripts/gpu_check.py", "--help")
     assert r.returncode == 0 and "--dry" in r.stdout
-    md = tmp_path / "bench.md"
+    md = tmp_path / "out" / "bench.md"
+    kept = open(os.path.join(REPO, "results", "bench.md"), "rb").read()
     r = run_cli("scripts/gpu_check.py", "--dry", "--phases", "bench", "train", "--out", str(tmp_path / "out"),
-                "--bench-md", str(md), timeout=600)
+                timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert open(os.path.join(REPO, "results", "bench.md"), "rb").read() == kept
     rows = [json.loads(line) for line in (tmp_path / "out" / "gpu_check.jsonl").read_text().splitlines()]
     names = {row["name"] for row in rows}
     assert {"env", "bench:resnet20-bs8-a", "bench:resnet20-bs8-d", "bench:resnet20-bs8-g", "bench:resnet20-bs8-h",
