@@ -41,9 +41,14 @@ def write_error(path: str, e: Exception) -> UserError:
 
 
 def reason(e: Exception) -> str:
-    """An exception's first line, for a one-line message."""
-    text = getattr(e, "strerror", None) or str(e)
-    return text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+    """An exception's first line, for a one-line message; a long one ends after its first sentence
+    (torch's own messages run to several)."""
+    text = (getattr(e, "strerror", None) or str(e)).strip()
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0].strip()
+    end = line.find(". ", 40)
+    return (line[:end + 1] if 0 < end < 200 else line[:200]) if len(line) > 120 else line
 
 
 # ------------------------------------------------------------------------------ strict JSON

@@ -130,6 +130,23 @@ def test_garbage_checkpoint_names_the_file_and_what_to_do(tmp_path):
     assert ckpt.read_bytes().startswith(b"this is not")  # left alone
 
 
+def test_a_checkpoint_cut_short_is_named_in_one_sentence(tmp_path):
+    """torch's message for a cut-short zip runs to several sentences: the line keeps its first."""
+    from mbn.checkpoint import load_checkpoint, save_checkpoint
+    from mbn.tracking import reason
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(str(path), {k: 1 for k in ("model", "optimizer", "epoch", "step", "config")})
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(UserError) as e:
+        load_checkpoint(str(path))
+    assert "failed finding central directory.)" in str(e.value) and "high likelihood" not in str(e.value)
+    long = RuntimeError("a first sentence that is long enough to be cut here. " * 5)
+    assert reason(long) == "a first sentence that is long enough to be cut here."
+    assert reason(RuntimeError("short. message. \nsecond line")) == "short. message."
+    assert reason(OSError(28, "No space left on device")) == "No space left on device"
+
+
 def test_eval_py_on_a_file_that_is_no_checkpoint_or_a_missing_run_dir_moves_nothing(tmp_path, monkeypatch):
     """eval.py ckpt=<metrics.json> must not advise moving that file away (only a damaged
     checkpoint.pt is moved to start a run over); a run_dir that does not exist is named as such."""
