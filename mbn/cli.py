@@ -95,6 +95,35 @@ def run(main, *args, **kwargs) -> None:
     sys.exit(status if isinstance(status, int) else EXIT_OK)
 
 
+def nearest_existing(path: str) -> str:
+    """`path` itself if it exists, else its nearest ancestor that does (what makedirs would build on)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def writable_dirs(*named) -> list:
+    """The folders a command writes into, (what, path) pairs: all checked before any is made, so a
+    refusal (a file on the path, a folder this user cannot write) leaves nothing behind; then
+    made. Returns the absolute paths."""
+    for what, path in named:
+        base = nearest_existing(path)
+        if not os.path.isdir(base):
+            raise UserError(f"{what} {path}: {base} is a file, not a folder; choose another path")
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise EnvironmentFault(f"{what} {path}: {base} is not writable by this user (or its disk is "
+                                   "read-only); choose another folder")
+    out = []
+    for what, path in named:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise environment_fault(e, f"{what}:") from None
+        out.append(os.path.abspath(path))
+    return out
+
+
 def existing_dir(path: str, what: str = "--runs") -> str:
     """An input folder that must exist (scripts never create folders for inputs)."""
     if not os.path.isdir(path):

@@ -12,7 +12,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from mbn.validate import (Each, Matches, NotBelow, OneOf, Pattern, Range, Stages, When, count, fractions, key,  # noqa: F401
+from mbn.validate import (Each, Folder, Matches, NotBelow, OneOf, Pattern, Range, Stages, When, count, fractions, key,  # noqa: F401
                           nonnegative, optional, positive, unit, whole)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -137,8 +137,8 @@ class PerfConfig:
     compile: Optional[bool] = key(None, "torch.compile the model (null: on a GPU)")
     compile_mode: str = key("default", "torch.compile's mode", OneOf(["default", "reduce-overhead", "max-autotune"]))
     cuda_graph: Optional[bool] = key(None, "the whole training step as one CUDA graph replay (null: on CUDA)")
-    compile_cache: Optional[str] = key(None, "a folder for torch.compile's caches, kept across processes and "
-                                             "machines (null: $MBN_COMPILE_CACHE, else torch's own)")
+    compile_cache: Optional[str] = key(None, "torch.compile's cache, kept across processes and machines",
+                                       Folder(optional=True), note="null: $MBN_COMPILE_CACHE, else torch's own")
 
 
 DEVICE = Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N")

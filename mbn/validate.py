@@ -9,6 +9,7 @@ eval.py check a command and print --help before the heavy imports.
 import dataclasses
 import difflib
 import math
+import os
 import re
 import textwrap
 from dataclasses import dataclass, field
@@ -97,6 +98,24 @@ class Pattern:
 
     def describe(self) -> str:
         return ("null or " if self.optional else "") + self.text
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder's path: one that exists or can be made (no part of it is a file). The one rule that
+    looks at the disk: a file named where a folder belongs is a mistake in the command, refused
+    before the run dir exists rather than when the folder is first used."""
+    optional: bool = False
+
+    def ok(self, v) -> bool:
+        if v is None or not isinstance(v, str) or not v.strip():
+            return v is None and self.optional
+        from mbn.cli import nearest_existing
+
+        return os.path.isdir(nearest_existing(v))
+
+    def describe(self) -> str:
+        return ("null or " if self.optional else "") + "a folder (one that exists or can be made, not a file)"
 
 
 @dataclass(frozen=True)
@@ -539,6 +558,6 @@ class Preflight(Callback):
             raise environment_fault(e, "cannot create the run directory (hydra.run.dir):") from None
 
 
-__all__ = ["Range", "OneOf", "Pattern", "Each", "Matches", "Stages", "NotBelow", "When", "Key", "key", "unit",
+__all__ = ["Range", "OneOf", "Pattern", "Folder", "Each", "Matches", "Stages", "NotBelow", "When", "Key", "key", "unit",
            "positive", "nonnegative", "count", "whole", "fractions", "optional", "problems", "validate",
            "help_lines", "declared_keys", "schema_keys", "hydra_error"]

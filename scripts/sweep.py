@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mbn import UserError, compile_cache  # noqa: E402
 from mbn import plan as planner  # noqa: E402
-from mbn.cli import ArgumentParser, EnvironmentFault, environment_fault, run, seconds, whole_number  # noqa: E402
+from mbn.cli import ArgumentParser, environment_fault, run, seconds, whole_number, writable_dirs  # noqa: E402
 from mbn.results import REPO, merge_overrides, steps_per_epoch_at_128  # noqa: E402
 from mbn.sweeps import grids, multirun_overrides  # noqa: E402
 
@@ -117,17 +117,6 @@ def check_overrides(overrides, runs=()):
                 raise
             raise UserError(f"the extra overrides: {err}") from None
         validate(cfg)
-
-
-def writable_dir(path: str, what: str) -> str:
-    """A folder this command writes into: made if missing; one line if it cannot be."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise environment_fault(e, f"{what}:") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise EnvironmentFault(f"{what}: {path} is not writable by this user; choose another folder")
-    return path
 
 
 def bench_of(args) -> planner.Bench:
@@ -269,9 +258,10 @@ def cmd_next(args) -> int:
                   + (f", epoch {r.epochs_done}/{r.epochs}" if r.status == planner.PARTIAL else "")
                   + f"): {planner.duration(r.seconds_left(args.jobs, plan.bench))}")
         return 0
-    runs_dir = writable_dir(plan.runs_dir, "--runs" if args.runs else "--root")
-    root = os.path.dirname(runs_dir)
-    cache = compile_cache.use(cache_dir(args, root), key="--compile-cache")
+    runs_key = "--runs" if args.runs else "--root"
+    runs_dir, _, cache = writable_dirs((runs_key, plan.runs_dir), (runs_key, os.path.join(plan.runs_dir, "logs")),
+                                    ("--compile-cache", cache_dir(args, os.path.dirname(os.path.abspath(plan.runs_dir)))))
+    compile_cache.use(cache, key="--compile-cache")
     removed = planner.drop_checkpoints(plan.unique(), runs_dir)
     if removed:
         print(f"[next] deleted the checkpoints of {len(removed)} finished run(s) (their metrics.json stays)")
@@ -279,7 +269,7 @@ def cmd_next(args) -> int:
     for table in sorted({grids(plan.epochs, plan.steps_per_epoch_at_128)[b.step.table].sweep for b in plan.blocks}):
         write_sweep(runs_dir, plan.sweep_file(table))
     start_mps(args.jobs)
-    logs = writable_dir(os.path.join(runs_dir, "logs"), "--runs")
+    logs = os.path.join(runs_dir, "logs")
     env = dict(os.environ, MBN_DEADLINE=repr(deadline))
     defaults = [f"name={name}", "train.progress=false", f"perf.compile_cache={cache}"]
 
@@ -360,8 +350,8 @@ def cmd_table(args) -> int:
     bench = bench_of(args)
     env = dict(os.environ)
     if not args.dry_run:
-        writable_dir(root, "--root")
-        cache = compile_cache.use(cache_dir(args, os.path.dirname(root)), key="--compile-cache")
+        _, cache = writable_dirs(("--root", root), ("--compile-cache", cache_dir(args, os.path.dirname(root))))
+        compile_cache.use(cache, key="--compile-cache")
         env = dict(os.environ)
         start_mps(args.jobs)
         if args.time_limit:

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mbn.config import norm_configs
-from mbn.validate import Each, Matches, NotBelow, OneOf, Pattern, Preflight, Range, Stages, When, hydra_error, \
+from mbn.validate import Each, Folder, Matches, NotBelow, OneOf, Pattern, Preflight, Range, Stages, When, hydra_error, \
     schema_fields
 from tests.conftest import REPO, run_cli
 
@@ -91,6 +91,10 @@ def invalid(rule):
         return st.text(SAFE, min_size=1, max_size=12).filter(lambda s: s not in options)
     if isinstance(rule, Pattern):
         return st.text(SAFE + " ", max_size=12).filter(lambda s: not rule.ok(s))
+    if isinstance(rule, Folder):  # a file, or a path through one ("" too)
+        afile = os.path.join(REPO, "README.md")
+        return st.one_of(st.just(""), st.just(afile), st.text(string.ascii_letters, min_size=1, max_size=8).map(
+            lambda s: os.path.join(afile, s)))
     if isinstance(rule, Each):
         inner = invalid(rule.rule)
         bad_element = st.tuples(st.lists(st.just(0.5), max_size=2), inner).map(lambda t: [*t[0], t[1]])

@@ -1,5 +1,6 @@
 """Sweeps, tables and figures end to end on synthetic data (two seeds, two epochs)."""
 import csv
+import os
 import re
 import json
 import statistics
@@ -161,6 +162,8 @@ def own_compile_cache(tmp_path, monkeypatch):
     (["table1", "--", "seeds"], "'seeds' is not a key=value override"),
     (["plan", "--runs", __file__], "is a file, not a runs folder"),
     (["plan", "--bench", "/nonexistent/bench.md"], "--bench /nonexistent/bench.md: no such file"),
+    (["next", "--budget", "600", "--compile-cache", __file__], f"{__file__} is a file, not a folder"),  # before
+    (["table1", "--compile-cache", os.path.join(__file__, "cache")], "is a file, not a folder"),  # the runs dir
     (["table1", "--norms", "gn"], "--models/--norms leave no run of table1, whose cells have models nin, resnet20"),
     (["plan", "--tables", "table6", "--models", "vgg16"], "leave no run of table6, whose cells have models resnet20"),
 ])
