@@ -18,14 +18,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mbn import UserError, cli
 from mbn.config import DEVICE
-from mbn.validate import PROGRAM, OneOf, help_lines, hydra_error, key, optional, problems, whole
+from mbn.validate import PROGRAM, Folder, OneOf, help_lines, hydra_error, key, optional, problems, whole
 
 USAGE = "python eval.py run_dir=<dir> | ckpt=<file> [key=value ...]"
 
 
 @dataclass
 class EvalData:
-    root: Optional[str] = key(None, "where the dataset is (null: the run's data.root)")
+    root: Optional[str] = key(None, "where the dataset is (null: the run's data.root)", Folder(optional=True))
 
 
 @dataclass

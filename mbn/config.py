@@ -61,7 +61,7 @@ class DataConfig:
 @dataclass
 class CifarConfig(DataConfig):
     name: str = key(MISSING, "the dataset", OneOf(list(CIFAR_CLASSES)))
-    root: str = key("data", "the folder holding cifar-10-batches-py/ or cifar-100-python/ ($MBN_DATA_ROOT)")
+    root: str = key("data", "the folder holding cifar-10-batches-py/ or cifar-100-python/", Folder())
     download: bool = key(True, "let torchvision download the files when they are missing")
     augment: bool = key(True, "pad-4 random crop + horizontal flip")
 
@@ -78,7 +78,7 @@ class SyntheticConfig(DataConfig):
 @dataclass
 class ImageNetConfig(DataConfig):
     name: str = key(MISSING, "the dataset", OneOf(["imagenet"]))
-    root: str = key("data/imagenet", "ImageFolder tree: <root>/train/<class>/*, <root>/val/<class>/*")
+    root: str = key("data/imagenet", "ImageFolder tree: <root>/train/<class>/*, <root>/val/<class>/*", Folder())
     download: bool = key(False, "ImageNet is never downloaded", OneOf([False]))
     image_size: int = key(224, "the crop size", count)
     workers: int = key(8, "DataLoader worker processes", whole)
@@ -137,8 +137,9 @@ class PerfConfig:
     compile: Optional[bool] = key(None, "torch.compile the model (null: on a GPU)")
     compile_mode: str = key("default", "torch.compile's mode", OneOf(["default", "reduce-overhead", "max-autotune"]))
     cuda_graph: Optional[bool] = key(None, "the whole training step as one CUDA graph replay (null: on CUDA)")
-    compile_cache: Optional[str] = key(None, "torch.compile's cache, kept across processes and machines",
-                                       Folder(optional=True), note="null: $MBN_COMPILE_CACHE, else torch's own")
+    compile_cache: Optional[str] = key("${oc.env:MBN_COMPILE_CACHE,null}", "torch.compile's cache, kept across "
+                                       "processes and machines", Folder(optional=True),
+                                       note="null: torch's own")
 
 
 DEVICE = Pattern(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N")

@@ -310,8 +310,12 @@ def origin_of_node(node) -> str:
     """The key a node's value is interpolated from ("" if it is a value of its own)."""
     if node is None or not node._is_interpolation():
         return ""
-    m = re.match(r"\$\{(?:oc\.select:)?([\w.]+)", str(node._value()))
-    return m.group(1) if m else str(node._value())
+    text = str(node._value())
+    env = re.match(r"\$\{oc\.env:(\w+)", text)
+    if env:
+        return f"${env.group(1)}"
+    m = re.match(r"\$\{(?:oc\.select:)?([\w.]+)", text)
+    return m.group(1) if m else text
 
 
 def _value(cfg, dotted):

@@ -50,6 +50,19 @@ def test_mistakes_in_the_command_end_in_one_line_before_torch(tmp_path, args, sa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("var,value,says", [
+    ("MBN_DATA_ROOT", "", "data.root=, from $MBN_DATA_ROOT: "),                 # set, but empty
+    ("MBN_COMPILE_CACHE", __file__, f"perf.compile_cache={__file__}, from $MBN_COMPILE_CACHE: "),  # a file
+])
+def test_a_folder_from_an_environment_variable_is_checked_and_named(tmp_path, monkeypatch, var, value, says):
+    """A key whose default comes from the environment is checked like one given on the command
+    line, and the line names the variable: nothing is created."""
+    monkeypatch.setenv(var, value)
+    r = run_cli("train.py", "data=cifar10", "logger=none", f"hydra.run.dir={tmp_path / 'run'}")
+    assert says in one_line_error(r) and "must be" in r.stderr and "a folder" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_help_of_both_entry_points_needs_no_torch():
     for script, names in (("train.py", ["gn", "mabn", "cbn", "rbn", "vgg16_imagenet", "train.precise_batches="]),
                           ("eval.py", ["run_dir=", "ckpt=", "eval_stats=all", "precise_batches=200", "data.root="])):
