@@ -102,6 +102,7 @@ def test_figures_from_a_sweep(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+@pytest.mark.slow  # 30 s of processes; Table 2's grid and rendering have fast tests (test_results, test_tables)
 def test_table2_sweep_on_synthetic_cifar100_shapes(tmp_path):
     """CIFAR-100 cannot be downloaded here: its sweep runs on synthetic 100-class data (NIN column
     only, one seed) and the table shows those cells, the rest missing, says why, and is titled
@@ -162,7 +163,8 @@ def own_compile_cache(tmp_path, monkeypatch):
     (["table1", "--", "seeds"], "'seeds' is not a key=value override"),
     (["plan", "--runs", __file__], "is a file, not a runs folder"),
     (["plan", "--bench", "/nonexistent/bench.md"], "--bench /nonexistent/bench.md: no such file"),
-    (["next", "--budget", "600", "--compile-cache", __file__], f"{__file__} is a file, not a folder"),  # before
+    (["next", "--budget", "600", "--tables", "table6", "--compile-cache", __file__],
+     f"{__file__} is a file, not a folder"),
     (["table1", "--compile-cache", os.path.join(__file__, "cache")], "is a file, not a folder"),  # the runs dir
     (["table1", "--norms", "gn"], "--models/--norms leave no run of table1, whose cells have models nin, resnet20"),
     (["plan", "--tables", "table6", "--models", "vgg16"], "leave no run of table6, whose cells have models resnet20"),
