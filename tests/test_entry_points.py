@@ -27,7 +27,7 @@ ONE = TINY + ["train.epochs=1", "train.precise_batches=0"]
     (["train.batchsize=32"], "train.batchsize: unknown key; did you mean train.batch_size?"),
     (["+optim.lrr=0.1"], "optim.lrr=0.1: unknown key; did you mean optim.lr?"),
     (["train.device=cpu"], "train.device: unknown key; did you mean device?"),  # a key of another section
-    (["+train.seed=1"], "train.seed=1: unknown key; did you mean seed?"),  # the shallowest of seed, data.seed
+    (["data=synthetic", "+train.seed=1"], "train.seed=1: unknown key; did you mean seed?"),  # not data.seed
     (["train.lr=0.05"], "train.lr: unknown key; did you mean optim.lr?"),
     (["train.epochs=abc"], "train.epochs: Value 'abc' of type 'str' could not be converted to Integer"),
     (["norm=mbm"], "norm=mbm: no such option; did you mean mbn?"),
@@ -61,6 +61,26 @@ def test_a_folder_from_an_environment_variable_is_checked_and_named(tmp_path, mo
     r = run_cli("train.py", "data=cifar10", "logger=none", f"hydra.run.dir={tmp_path / 'run'}")
     assert says in one_line_error(r) and "must be" in r.stderr and "a folder" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_output_folders_are_all_checked_before_any_is_made(tmp_path, monkeypatch):
+    """cli.writable_dirs: a file on one path, or a folder this user cannot write, refuses the
+    command before any of its folders exists; otherwise all are made."""
+    from mbn.cli import writable_dirs
+
+    afile = tmp_path / "a-file"
+    afile.write_text("")
+    first = tmp_path / "runs" / "e30"
+    with pytest.raises(UserError, match=f"--compile-cache {afile / 'cache'}: {afile} is a file, not a folder"):
+        writable_dirs(("--runs", str(first)), ("--compile-cache", str(afile / "cache")))
+    assert not (tmp_path / "runs").exists() and afile.read_text() == ""
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(tmp_path / "locked"))
+    (tmp_path / "locked").mkdir()
+    with pytest.raises(EnvironmentFault, match="is not writable by this user"):
+        writable_dirs(("--runs", str(first)), ("--out", str(tmp_path / "locked" / "out")))
+    assert not (tmp_path / "runs").exists()
+    assert writable_dirs(("--runs", str(first)), ("--out", str(tmp_path / "out"))) == [str(first), str(tmp_path / "out")]
+    assert first.is_dir() and (tmp_path / "out").is_dir()
 
 
 def test_help_of_both_entry_points_needs_no_torch():
