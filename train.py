@@ -17,7 +17,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from mbn import UserError, cli, preempt  # noqa: E402
 from mbn.config import CONFIGS, group_options, norm_configs, register_configs  # noqa: E402
-from mbn.validate import Preflight, help_lines, hydra_error, validate  # noqa: E402
+from mbn.validate import Preflight, check_group_overrides, help_lines, hydra_error, validate  # noqa: E402
 
 register_configs()
 
@@ -141,7 +141,9 @@ def check_options(args) -> None:
 
     parser = get_args_parser()
     parser.error = error
-    parser.parse_args(args)
+    overrides = parser.parse_args(args).overrides
+    groups = {g: group_options(g) for g in sorted(os.listdir(CONFIGS)) if os.path.isdir(os.path.join(CONFIGS, g))}
+    check_group_overrides(overrides, groups)
 
 
 def cli_main() -> int:

@@ -521,6 +521,23 @@ def hydra_error(e: BaseException) -> Optional[UserError]:
     return None
 
 
+def check_group_overrides(overrides, groups: dict) -> None:
+    """A config group (`groups`: {name: its options}) takes one option by name. Hydra answers
+    `norm=null` or `norm=1` with a ValueError and `norm=[bn,gn]` with a merge error, neither
+    naming the group, and `~norm` with errors about the keys that follow it: refuse them here, in
+    one line naming the group, its options and how to run several."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(list(overrides)):
+        group = o.key_or_group
+        if (group not in groups and "/" not in group) or o.is_sweep_override():  # hydra/launcher: Hydra's
+            continue
+        if o.is_delete() or not isinstance(o.value(), str):
+            options = f", one of {', '.join(groups[group])}" if groups.get(group) else ""
+            raise UserError(f"{o.input_line}: {group} takes one option by name{options} "
+                            f"(to run several: -m {group}=a,b)")
+
+
 # ------------------------------------------------------------------ Hydra callback
 try:
     from hydra.experimental.callback import Callback

@@ -11,6 +11,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import string
 
 import pytest
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mbn import UserError
 from mbn.config import norm_configs
 from mbn.validate import Each, Folder, Matches, NotBelow, OneOf, Pattern, Preflight, Range, Stages, When, hydra_error, \
     schema_fields
@@ -196,6 +198,7 @@ def test_every_declared_constraint_refuses_many_invalid_values(composed, tmp_pat
     (["+train.batchsize=32"], "train.batchsize=32: unknown key; did you mean train.batch_size?"),
     (["train.precise_batches=-1"], "train.precise_batches=-1: "),
     (["data=cifar10", "data.num_classes=5"], "data.num_classes=5 (the number of classes): must be 10 with data.name=cifar10"),
+    (["norm=null"], "norm=null: norm takes one option by name, one of bn, brn, cbn, gn, mabn, mbn, normprop, rbn"),
 ])
 def test_train_py_refuses_in_one_line_and_creates_nothing(tmp_path, overrides, says):
     from tests.test_errors import one_line_error
@@ -204,6 +207,19 @@ def test_train_py_refuses_in_one_line_and_creates_nothing(tmp_path, overrides, s
     r = run_cli("train.py", "data=synthetic", "logger=none", *overrides, f"hydra.run.dir={run_dir}")
     assert says in one_line_error(r)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override", ["norm=null", "norm=1", "norm=[bn,gn]", "model={}", "~data", "~norm=bn", "hydra/launcher=null"])
+def test_a_config_group_takes_one_option_by_name(override):
+    """null, a number, a list, a dict or a deletion for a group: Hydra's ValueError or merge error
+    names no group; ours names it and its options. A name, and a sweep over names, pass."""
+    from mbn.validate import check_group_overrides
+
+    groups = {"norm": ["bn", "gn"], "model": ["resnet20"], "data": ["synthetic"]}
+    group = override.lstrip("~").partition("=")[0]
+    with pytest.raises(UserError, match=f"^{re.escape(override)}: {group} takes one option by name"):
+        check_group_overrides(["optim.lr=null", override], groups)
+    check_group_overrides(["norm=bn", "norm=bn,gn", "model='resnet20'", "optim.lr=null", "hydra/launcher=basic"], groups)
 
 
 def test_range_bounds_open_and_closed_by_hand():
