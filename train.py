@@ -74,6 +74,12 @@ def train(cfg, run_dir: str, multirun: bool, overrides) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)  # one diverged run of a sweep (its metrics.json says so)
         return None                            # does not end the sweep
+    except (MemoryError, RuntimeError) as e:  # out of memory is the machine's; other errors keep their traceback
+        err = cli.out_of_memory(e)
+        if err is None:
+            raise
+        discard_unstarted(run_dir, multirun)
+        raise err from None
     if preempt.stopped():
         preempt.requeue_and_exit()  # never returns: exit status preempt.EXIT_PREEMPTED or submitit's
     preempt.disarm()

@@ -10,6 +10,7 @@ Exit statuses (README, "Exit statuses"):"""
 import argparse
 import errno
 import os
+import re
 import sys
 
 from mbn import UserError
@@ -67,6 +68,20 @@ def environment_fault(e: OSError, doing: str = "") -> UserError:
     return cls(describe_os_error(e, doing))
 
 
+def out_of_memory(e: BaseException):
+    """The EnvironmentFault for memory that could not be had (MemoryError; torch's CPU allocator and
+    CUDA raise RuntimeErrors saying so), None for any other error. The sizes of the command
+    (data, batch, model) are the usual cause, and the fix."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if not isinstance(e, MemoryError) and not (isinstance(e, RuntimeError) and (
+            "out of memory" in text.lower() or "can't allocate memory" in text)):
+        return None
+    size = re.search(r"(?:tried to allocate|Tried to allocate) ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", text)
+    need = f" (it asked for {size.group(1)})" if size else ""
+    return EnvironmentFault(f"out of memory{need}; choose smaller sizes (data.train_size, data.test_size, "
+                            "train.batch_size, the model) or free memory, then rerun the same command")
+
+
 def report(message: str, exit_code: int) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return exit_code
@@ -82,6 +97,11 @@ def guarded(main, *args, on_interrupt: str = "", **kwargs):
         code = report(str(e), e.exit_code)
     except OSError as e:  # a file or the network failed where no code turned it into a UserError
         err = environment_fault(e)
+        code = report(str(err), err.exit_code)
+    except (MemoryError, RuntimeError) as e:  # memory is the machine's; any other error is a programming one
+        err = out_of_memory(e)
+        if err is None:
+            raise
         code = report(str(err), err.exit_code)
     except KeyboardInterrupt:
         print("\ninterrupted" + (f"; {on_interrupt}" if on_interrupt else ""), file=sys.stderr, flush=True)

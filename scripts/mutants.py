@@ -521,6 +521,12 @@ SESSION_MUTANTS: List[Mutant] = [
     M("reason_never_shortened", "mbn/tracking.py", "if len(line) > 120 else line", "if len(line) > 1200 else line",
       f"{T_ERR}::test_a_checkpoint_cut_short_is_named_in_one_sentence",
       "a damaged checkpoint's line carries torch's whole multi-sentence message, cut mid-sentence"),
+    M("group_check_only_null", "mbn/validate.py", "        if o.is_delete() or not isinstance(o.value(), str):\n",
+      "        if o.value() is None:\n", "tests/test_constraints.py::test_a_config_group_takes_one_option_by_name",
+      "only norm=null is refused: norm=[bn,gn] and ~norm reach Hydra's merge errors naming no group"),
+    M("out_of_memory_keeps_run_dir", "train.py", "        discard_unstarted(run_dir, multirun)\n        raise err from None\n",
+      "        raise err from None\n", f"{T_ERR}::test_out_of_memory_is_the_machines_fault_and_leaves_no_run_dir",
+      "a run out of memory before it started (data.train_size=1e11) leaves its empty run dir behind"),
 ]
 MUTANTS += NEW_NORMALIZER_MUTANTS + GRAPH_REPLAY_MUTANTS + ISSUE20_MUTANTS + SESSION_MUTANTS
 

@@ -308,3 +308,44 @@ def test_any_non_finite_loss_is_a_divergence(tmp_path, bad):
         stop_if_diverged({"train_loss": 2.3, "test_loss": bad}, 3, 30, str(tmp_path))
     summary = strict_json((tmp_path / "metrics.json").read_text())
     assert (summary["status"], summary["test_loss"], summary["last_good_epoch"]) == ("diverged", None, 2)
+
+
+def test_out_of_memory_is_the_machines_fault_and_leaves_no_run_dir(tmp_path, monkeypatch):
+    """torch's CPU allocator and CUDA say "out of memory" with a RuntimeError (data.train_size=1e11
+    asked for 800 GB): one line, exit 4, the run dir made for the run removed; any other
+    RuntimeError is a programming error and keeps its traceback."""
+    import importlib.util
+
+    import mbn.engine
+    from mbn.cli import EXIT_ENVIRONMENT, out_of_memory
+    from mbn.validate import Preflight
+    from tests.conftest import REPO
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 799999999992 bytes. Error code 12 (Cannot allocate memory)")
+    assert "(it asked for 799999999992 bytes)" in str(out_of_memory(cpu))
+    assert out_of_memory(cpu).exit_code == EXIT_ENVIRONMENT
+    assert "(it asked for 20.00 GiB)" in str(out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")))
+    assert out_of_memory(MemoryError()) is not None
+    assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    spec = importlib.util.spec_from_file_location("_train_script", os.path.join(REPO, "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    from omegaconf import open_dict
+
+    monkeypatch.setattr(Preflight, "created", ())
+    run_dir = tmp_path / "runs" / "r"
+    cfg = make_cfg(TINY)
+    with open_dict(cfg):
+        cfg.hydra = {"run": {"dir": str(run_dir)}}
+    for error, raised in ((cpu, UserError), (RuntimeError("a bug"), RuntimeError)):
+        def make_loaders(*args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(mbn.engine, "make_loaders", make_loaders)
+        Preflight.check(cfg)
+        with pytest.raises(raised) as caught:
+            train.train(cfg, str(run_dir), False, [])
+        if raised is UserError:
+            assert caught.value.exit_code == EXIT_ENVIRONMENT and not (tmp_path / "runs").exists()
