@@ -28,8 +28,11 @@ def _num(x) -> str:
     return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # torch computes in float32: a larger number overflows there (optim.lr=1e300)
+
+
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= FLOAT32_MAX
 
 
 def _integer(v) -> bool:
@@ -407,6 +410,8 @@ def _check(cfg, dotted, value, decl: Key):
             text = "lie " + text.split(" ", 2)[2]
         else:
             text = "be " + text
+        if isinstance(value, (int, float)) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            text += f", at most {FLOAT32_MAX:.4g} in size (float32's largest: torch computes in float32)"
         return [f"{shown}: {decl.what} must {text}{note}"]
     out = []
     for rel in decl.relations:

@@ -527,6 +527,9 @@ SESSION_MUTANTS: List[Mutant] = [
     M("out_of_memory_keeps_run_dir", "train.py", "        discard_unstarted(run_dir, multirun)\n        raise err from None\n",
       "        raise err from None\n", f"{T_ERR}::test_out_of_memory_is_the_machines_fault_and_leaves_no_run_dir",
       "a run out of memory before it started (data.train_size=1e11) leaves its empty run dir behind"),
+    M("float32_overflow_passes", "mbn/validate.py", " and math.isfinite(v) and abs(v) <= FLOAT32_MAX\n",
+      " and math.isfinite(v)\n", "tests/test_constraints.py::test_range_bounds_open_and_closed_by_hand",
+      "optim.lr=1e300 passes the check and the first SGD step ends in torch's overflow traceback"),
 ]
 MUTANTS += NEW_NORMALIZER_MUTANTS + GRAPH_REPLAY_MUTANTS + ISSUE20_MUTANTS + SESSION_MUTANTS
 

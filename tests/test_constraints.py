@@ -22,8 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mbn import UserError
 from mbn.config import norm_configs
-from mbn.validate import Each, Folder, Matches, NotBelow, OneOf, Pattern, Preflight, Range, Stages, When, hydra_error, \
-    schema_fields
+from mbn.validate import FLOAT32_MAX, Each, Folder, Matches, NotBelow, OneOf, Pattern, Preflight, Range, Stages, When, \
+    hydra_error, schema_fields
 from tests.conftest import REPO, run_cli
 
 BASES = [("bn", "synthetic"), ("bn", "cifar10"), ("bn", "imagenet")] + [(n, "synthetic") for n in norm_configs()]
@@ -85,6 +85,9 @@ def invalid(rule):
                                    allow_infinity=False))
         if rule.integer:
             parts.append(st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not float(x).is_integer()))
+        else:  # finite, but beyond what torch's float32 holds (an SGD step with lr=1e300 overflows)
+            parts.append(st.floats(min_value=FLOAT32_MAX, exclude_min=True, allow_infinity=False).map(
+                lambda x: x if rule.ok(-x) or rule.low is None else -x))
         return st.one_of(parts)
     if isinstance(rule, OneOf):
         options = rule.options()
@@ -237,6 +240,9 @@ def test_range_bounds_open_and_closed_by_hand():
     assert opened.ok(0.5) and not opened.ok(0) and not opened.ok(1)
     assert not Range(0).ok(None) and Range(0, optional=True).ok(None)
     assert not any(Range(0).ok(v) for v in (float("nan"), float("inf"), True))
+    assert Range(0).ok(FLOAT32_MAX) and not Range(0).ok(1e300) and not Range().ok(-1e39)  # float32 holds it
+    (found,) = problems(make_cfg(["optim.lr=1e300"]))
+    assert found.startswith("optim.lr=1e+300: the learning rate must be a number > 0, at most 3.403e+38 in size")
     assert problems(make_cfg([f"seed={2**31 - 1}"])) == []
     (found,) = problems(make_cfg([f"seed={2**31}"]))
     assert found.startswith(f"seed={2**31}: the seed must lie in [0, 2147483648)")
