@@ -16,7 +16,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from mbn import UserError, cli, preempt  # noqa: E402
-from mbn.config import CONFIGS, group_options, norm_configs, register_configs  # noqa: E402
+from mbn.config import CONFIGS, config_groups, group_options, norm_configs, register_configs  # noqa: E402
 from mbn.validate import Preflight, check_group_overrides, help_lines, hydra_error, validate  # noqa: E402
 
 register_configs()
@@ -148,8 +148,7 @@ def check_options(args) -> None:
     parser = get_args_parser()
     parser.error = error
     overrides = parser.parse_args(args).overrides
-    groups = {g: group_options(g) for g in sorted(os.listdir(CONFIGS)) if os.path.isdir(os.path.join(CONFIGS, g))}
-    check_group_overrides(overrides, groups)
+    check_group_overrides(overrides, config_groups())
 
 
 def cli_main() -> int:

@@ -24,6 +24,11 @@ def group_options(group: str) -> list:
     return sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIGS, group, "*.yaml")))
 
 
+def config_groups() -> dict:
+    """{group: its options} for every config group (the folders of configs/)."""
+    return {g: group_options(g) for g in sorted(os.listdir(CONFIGS)) if os.path.isdir(os.path.join(CONFIGS, g))}
+
+
 def norm_names() -> list:
     return sorted(norm_configs())
 

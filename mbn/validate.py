@@ -532,8 +532,13 @@ def check_group_overrides(overrides, groups: dict) -> None:
     naming the group, and `~norm` with errors about the keys that follow it: refuse them here, in
     one line naming the group, its options and how to run several."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
 
-    for o in OverridesParser.create().parse_overrides(list(overrides)):
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except OverrideParseException as e:
+        raise hydra_error(e) from None
+    for o in parsed:
         group = o.key_or_group
         if (group not in groups and "/" not in group) or o.is_sweep_override():  # hydra/launcher: Hydra's
             continue

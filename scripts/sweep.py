@@ -102,12 +102,17 @@ def parser_for(command: str):
 def check_overrides(overrides, runs=()):
     """Every extra override is key=value and every run's config builds and passes the config's
     declared constraints: a mistake is one line here, not a failure in every run."""
-    from mbn.validate import hydra_error, validate
+    from mbn.config import config_groups
+    from mbn.validate import check_group_overrides, hydra_error, validate
 
     for o in overrides:
         if "=" not in o:
             raise UserError(f"{o!r} is not a key=value override; options (--x) go before the overrides, "
                             "e.g. sweep.py table1 --seeds 1 -- data.root=/data")
+    try:
+        check_group_overrides(overrides, config_groups())
+    except UserError as e:
+        raise UserError(f"the extra overrides: {e}") from None
     for overrides_of_run in list(runs)[:1] or [list(overrides)]:
         try:
             cfg = planner.cell_config(overrides_of_run)

@@ -159,6 +159,9 @@ def own_compile_cache(tmp_path, monkeypatch):
     (["tabel1"], "unknown table 'tabel1'"),
     (["table1", "--", "train.batchsize=32"], "did you mean train.batch_size"),
     (["plan", "--", "norm=mbm"], "did you mean mbn"),
+    (["table1", "--", "norm=null"], "norm=null: norm takes one option by name"),  # Hydra's ValueError
+    (["plan", "--", "model=[nin,vgg16]"], "model=[nin,vgg16]: model takes one option by name"),
+    (["table1", "--", "norm='"], "cannot read the override"),
     (["table6", "--", "optim.lr=0"], "optim.lr"),
     (["table1", "--", "seeds"], "'seeds' is not a key=value override"),
     (["plan", "--runs", __file__], "is a file, not a runs folder"),
