@@ -18,7 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mbn import UserError, cli
 from mbn.config import DEVICE
-from mbn.validate import PROGRAM, Folder, OneOf, help_lines, hydra_error, key, optional, problems, whole
+from mbn.validate import PROGRAM, Folder, OneOf, check_sections, help_lines, hydra_error, key, optional, problems, \
+    whole
 
 USAGE = "python eval.py run_dir=<dir> | ckpt=<file> [key=value ...]"
 
@@ -88,6 +89,8 @@ def parse(argv) -> OmegaConf:
     if bad:
         raise UserError(f"arguments are key=value, got {' '.join(bad)}; usage: {USAGE} (--help lists the keys)")
     try:
+        given = [(a.partition("=")[0], OmegaConf.to_container(OmegaConf.from_dotlist([a])), a) for a in argv]
+        check_sections([(k, value.get(k), a) for k, value, a in given], EvalConfig)
         cfg = OmegaConf.merge(OmegaConf.structured(EvalConfig), OmegaConf.from_dotlist(list(argv)))
     except OmegaConfBaseException as e:  # an unknown key, a value of the wrong type
         raise (hydra_error(e) or UserError(str(e))) from None

@@ -16,7 +16,7 @@ from hydra.types import RunMode  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from mbn import UserError, cli, preempt  # noqa: E402
-from mbn.config import CONFIGS, config_groups, group_options, norm_configs, register_configs  # noqa: E402
+from mbn.config import CONFIGS, Config, config_groups, group_options, norm_configs, register_configs  # noqa: E402
 from mbn.validate import Preflight, check_group_overrides, help_lines, hydra_error, validate  # noqa: E402
 
 register_configs()
@@ -148,7 +148,7 @@ def check_options(args) -> None:
     parser = get_args_parser()
     parser.error = error
     overrides = parser.parse_args(args).overrides
-    check_group_overrides(overrides, config_groups())
+    check_group_overrides(overrides, config_groups(), Config)
 
 
 def cli_main() -> int:

@@ -526,11 +526,25 @@ def hydra_error(e: BaseException) -> Optional[UserError]:
     return None
 
 
-def check_group_overrides(overrides, groups: dict) -> None:
+def check_sections(pairs, schema) -> None:
+    """`train=5`, `perf=null`, eval.py's `data=cifar10`: a value given to a whole section of keys
+    (a field of `schema` that is itself a dataclass) is refused naming the section and one of its
+    keys; OmegaConf says "int is not a subclass of TrainConfig", or names no key at all.
+    `pairs`: (key, value, the argument as written)."""
+    for name, value, line in pairs:
+        typ = next((f.type for f in dataclasses.fields(schema) if f.name == name), None)
+        if dataclasses.is_dataclass(typ) and not isinstance(value, dict):
+            first = dataclasses.fields(typ)[0].name
+            raise UserError(f"{line}: {name} is a section of keys, not a value; set its keys, e.g. "
+                            f"{name}.{first}=<value> ({PROGRAM[0]} --help lists them)")
+
+
+def check_group_overrides(overrides, groups: dict, schema=None) -> None:
     """A config group (`groups`: {name: its options}) takes one option by name. Hydra answers
     `norm=null` or `norm=1` with a ValueError and `norm=[bn,gn]` with a merge error, neither
     naming the group, and `~norm` with errors about the keys that follow it: refuse them here, in
-    one line naming the group, its options and how to run several."""
+    one line naming the group, its options and how to run several. `schema`: the root config's
+    dataclass, whose sections are checked too (check_sections)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
@@ -538,6 +552,9 @@ def check_group_overrides(overrides, groups: dict) -> None:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except OverrideParseException as e:
         raise hydra_error(e) from None
+    if schema is not None:
+        check_sections([(o.key_or_group, o.value(), o.input_line) for o in parsed
+                        if o.key_or_group not in groups and not o.is_sweep_override() and not o.is_delete()], schema)
     for o in parsed:
         group = o.key_or_group
         if (group not in groups and "/" not in group) or o.is_sweep_override():  # hydra/launcher: Hydra's

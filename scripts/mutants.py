@@ -530,6 +530,10 @@ SESSION_MUTANTS: List[Mutant] = [
     M("float32_overflow_passes", "mbn/validate.py", " and math.isfinite(v) and abs(v) <= FLOAT32_MAX\n",
       " and math.isfinite(v)\n", "tests/test_constraints.py::test_range_bounds_open_and_closed_by_hand",
       "optim.lr=1e300 passes the check and the first SGD step ends in torch's overflow traceback"),
+    M("section_value_only_null", "mbn/validate.py", "if dataclasses.is_dataclass(typ) and not isinstance(value, dict):",
+      "if dataclasses.is_dataclass(typ) and value is None:",
+      "tests/test_constraints.py::test_a_value_for_a_whole_section_names_it_and_its_keys",
+      "train=5 or eval.py's data=cifar10 reach OmegaConf's 'not a subclass of TrainConfig', naming no fix"),
 ]
 MUTANTS += NEW_NORMALIZER_MUTANTS + GRAPH_REPLAY_MUTANTS + ISSUE20_MUTANTS + SESSION_MUTANTS
 

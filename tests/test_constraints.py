@@ -225,6 +225,30 @@ def test_a_config_group_takes_one_option_by_name(override):
     check_group_overrides(["norm=bn", "norm=bn,gn", "model='resnet20'", "optim.lr=null", "hydra/launcher=basic"], groups)
 
 
+@pytest.mark.parametrize("program, argv, says", [
+    ("train.py", ["train=5"], "train=5: train is a section of keys, not a value; set its keys, e.g. train.epochs="),
+    ("train.py", ["perf=null"], "perf=null: perf is a section of keys"),
+    ("train.py", ["optim.lr=0.1", "train=[1]"], "train=[1]: train is a section of keys"),
+    ("eval.py", ["run_dir=x", "data=cifar10"], "data=cifar10: data is a section of keys, not a value; set its keys"),
+])
+def test_a_value_for_a_whole_section_names_it_and_its_keys(program, argv, says):
+    """OmegaConf says "int is not a subclass of TrainConfig" or, for eval.py, names no key."""
+    import importlib.util
+
+    from mbn.config import Config, config_groups
+    from mbn.validate import check_group_overrides
+
+    with pytest.raises(UserError, match=re.escape(says)):
+        if program == "train.py":
+            check_group_overrides(argv, config_groups(), Config)
+        else:
+            spec = importlib.util.spec_from_file_location("_eval_script", os.path.join(REPO, "eval.py"))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            module.parse(argv)
+    check_group_overrides(["train.epochs=5", "train={}", "norm=bn"], config_groups(), Config)
+
+
 def test_range_bounds_open_and_closed_by_hand():
     """Each kind of bound at the bound itself and one step past it. The draws above reach past a
     bound with floats, which an integer rule refuses for being floats: config.seed's open upper
