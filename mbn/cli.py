@@ -57,6 +57,8 @@ def describe_os_error(e: OSError, doing: str = "") -> str:
     if getattr(e, "filename2", None):
         where = f"{where} -> {e.filename2}"
     fix = _FIXES.get(e.errno) or (e.strerror or str(e) or type(e).__name__).strip().splitlines()[0]
+    if e.errno == errno.EEXIST and isinstance(e.filename, str) and os.path.isfile(e.filename):
+        fix = "a file is where a folder belongs; choose another path"  # --out some.md/table.md
     head = f"{doing} " if doing else ""
     return f"{head}{where}: {fix}" if where else f"{head}{fix}".strip()
 

@@ -83,6 +83,22 @@ def test_output_folders_are_all_checked_before_any_is_made(tmp_path, monkeypatch
     assert first.is_dir() and (tmp_path / "out").is_dir()
 
 
+def test_a_folder_made_where_a_file_is_says_so(tmp_path):
+    """os.makedirs on a path that is a file raises EEXIST: the line says a file is where a folder
+    belongs (bench.py --out table.md/x said 'it exists already'); EEXIST on anything else keeps
+    its own fix."""
+    from mbn.cli import environment_fault
+
+    afile = tmp_path / "table.md"
+    afile.write_text("")
+    with pytest.raises(FileExistsError) as caught:
+        os.makedirs(afile, exist_ok=True)
+    err = environment_fault(caught.value)
+    assert str(err) == f"{afile}: a file is where a folder belongs; choose another path" and err.exit_code == 2
+    assert str(environment_fault(FileExistsError(17, "File exists", str(tmp_path)))).endswith("it exists already; "
+                                                                                                "choose another path")
+
+
 def test_help_of_both_entry_points_needs_no_torch():
     for script, names in (("train.py", ["gn", "mabn", "cbn", "rbn", "vgg16_imagenet", "train.precise_batches="]),
                           ("eval.py", ["run_dir=", "ckpt=", "eval_stats=all", "precise_batches=200", "data.root="])):
