@@ -169,7 +169,7 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", type=whole_number(1), nargs="+", help="default 128 8 (--tiny: 8 4)")
     ap.add_argument("--steps", type=whole_number(1), default=100)
     ap.add_argument("--warmup", type=whole_number(0), default=30)
-    ap.add_argument("--only", nargs="*", default=list("abcde"), choices=list(CONFIGS))
+    ap.add_argument("--only", nargs="+", default=list("abcde"), choices=list(CONFIGS))
     ap.add_argument("--seeds", type=whole_number(1), default=8,
                     help="models trained at once by the stacked configurations (g, h)")
     ap.add_argument("--compile-cache", default=None,

@@ -181,7 +181,7 @@ def main(argv=None):
     ap.add_argument("--data-root", default=None, help="holds cifar-10-batches-py/ for the train phase")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(REPO, "runs", "gpu_check"))
     ap.add_argument("--budget", type=seconds, default=470.0, help="seconds for the whole check")
-    ap.add_argument("--phases", nargs="*", default=PHASES, choices=PHASES)
+    ap.add_argument("--phases", nargs="+", default=PHASES, choices=PHASES)
     ap.add_argument("--compile-cache", default=None,
                     help="torch.compile's cache folder for every process (default: $MBN_COMPILE_CACHE, else "
                          "runs/compile_cache); carry it to the next machine for warm starts")

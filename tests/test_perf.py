@@ -212,8 +212,10 @@ def load_script(name):
     ("bench", ["--batch-sizes", "8", "-4"], "--batch-sizes: must be at least 1"),
     ("bench", ["--model", "resnet21"], "invalid choice: 'resnet21'"),
     ("bench", ["--only", "z"], "invalid choice: 'z'"),
+    ("bench", ["--tiny", "--only"], "--only: expected at least one argument"),  # an empty table, exit 0
     ("gpu_check", ["--budget", "0"], "--budget: a time in seconds must be positive"),
     ("gpu_check", ["--phases", "timing"], "invalid choice: 'timing'"),
+    ("gpu_check", ["--dry", "--phases"], "--phases: expected at least one argument"),  # checked nothing, 'passed'
     ("gpu_check", ["--dry", "--data-root", "/nonexistent"], "--data-root /nonexistent: no cifar-10-batches-py/"),
 ])
 def test_bench_and_gpu_check_refuse_bad_arguments_with_one_line(script, argv, says):
