@@ -11,7 +11,9 @@ import argparse
 import errno
 import os
 import re
+import signal
 import sys
+import threading
 
 from mbn import UserError
 
@@ -28,7 +30,7 @@ EXIT_STATUSES = {EXIT_OK: "success", EXIT_FAILED: "some of the work failed (the 
                  EXIT_DIVERGED: "a training run diverged", EXIT_ENVIRONMENT:
                  "the environment: permissions, read-only or full disk, unreachable network",
                  EXIT_PREEMPTED: "stopped early on purpose (time limit); rerun the same command to continue",
-                 EXIT_INTERRUPTED: "interrupted (Ctrl-C); rerun the same command to continue"}
+                 EXIT_INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); rerun the same command to continue"}
 __doc__ += "".join(f"\n- {code}: {what}" for code, what in EXIT_STATUSES.items()) + "\n"
 
 
@@ -89,10 +91,22 @@ def report(message: str, exit_code: int) -> int:
     return exit_code
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a scheduler stopping a job) ends a command as Ctrl-C does: one
+    line saying how to continue, instead of a silent death with exit 143 and a stale run-dir lock."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
+
+
 def guarded(main, *args, on_interrupt: str = "", **kwargs):
-    """Call main(*args, **kwargs); a user mistake, an environment fault or Ctrl-C ends the process
-    with its one line and exit status (SystemExit). `on_interrupt`: what to tell after Ctrl-C
-    (e.g. the command that continues)."""
+    """Call main(*args, **kwargs); a user mistake, an environment fault, Ctrl-C or SIGTERM ends the
+    process with its one line and exit status (SystemExit). `on_interrupt`: what to tell after
+    Ctrl-C (e.g. the command that continues). SIGTERM is taken only where nothing else handles it
+    (mbn.preempt's SLURM signal keeps its own handler)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return main(*args, **kwargs)
     except UserError as e:
@@ -105,8 +119,9 @@ def guarded(main, *args, on_interrupt: str = "", **kwargs):
         if err is None:
             raise
         code = report(str(err), err.exit_code)
-    except KeyboardInterrupt:
-        print("\ninterrupted" + (f"; {on_interrupt}" if on_interrupt else ""), file=sys.stderr, flush=True)
+    except KeyboardInterrupt as e:
+        what = "interrupted (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"\n{what}" + (f"; {on_interrupt}" if on_interrupt else ""), file=sys.stderr, flush=True)
         code = EXIT_INTERRUPTED
     sys.exit(code)
 

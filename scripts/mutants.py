@@ -534,6 +534,9 @@ SESSION_MUTANTS: List[Mutant] = [
       "if dataclasses.is_dataclass(typ) and value is None:",
       "tests/test_constraints.py::test_a_value_for_a_whole_section_names_it_and_its_keys",
       "train=5 or eval.py's data=cifar10 reach OmegaConf's 'not a subclass of TrainConfig', naming no fix"),
+    M("sigterm_not_taken", "mbn/cli.py", "        signal.signal(signal.SIGTERM, _terminated)\n", "        pass\n",
+      f"{T_EP}::test_ctrl_c_is_one_line_with_the_command_that_continues",
+      "SIGTERM (kill, timeout) ends a run silently with 143 and leaves its run-dir lock"),
 ]
 MUTANTS += NEW_NORMALIZER_MUTANTS + GRAPH_REPLAY_MUTANTS + ISSUE20_MUTANTS + SESSION_MUTANTS
 

@@ -182,7 +182,9 @@ def test_a_data_root_that_is_a_file_or_does_not_exist(tmp_path):
 
 
 # ------------------------------------------------------------------ Ctrl-C, logger=none
-def test_ctrl_c_is_one_line_with_the_command_that_continues(tmp_path):
+@pytest.mark.parametrize("signum, said", [(signal.SIGINT, "interrupted"), (signal.SIGTERM, "interrupted (SIGTERM)")])
+def test_ctrl_c_is_one_line_with_the_command_that_continues(tmp_path, signum, said):
+    """SIGTERM (kill, timeout) too: it ended the run silently with 143 and left its .lock."""
     env = dict(os.environ, PYTHONPATH=REPO)
     env.pop("HYDRA_FULL_ERROR", None)
     p = subprocess.Popen([sys.executable, "train.py", *TINY, "train.epochs=50", "logger=none",
@@ -191,10 +193,10 @@ def test_ctrl_c_is_one_line_with_the_command_that_continues(tmp_path):
     first = p.stdout.readline()  # "training ... run dir <dir>": the run has started
     assert "run dir" in first, first + p.stderr.read()
     time.sleep(1)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(signum)
     out, err = p.communicate(timeout=120)
     assert p.returncode == EXIT_INTERRUPTED and "Traceback" not in err, err
-    assert err.strip().splitlines() == [f"interrupted; continue with: python train.py {' '.join(TINY)} "
+    assert err.strip().splitlines() == [f"{said}; continue with: python train.py {' '.join(TINY)} "
                                         f"train.epochs=50 logger=none hydra.run.dir={tmp_path}"]
     assert not (tmp_path / ".lock").exists()
 
