@@ -41,10 +41,13 @@ class EvalConfig:
     data: EvalData = field(default_factory=EvalData)
 
 
-def evaluate_checkpoint(path, eval_stats="all", device=None, data_root=None, precise_batches=200) -> dict:
+def evaluate_checkpoint(path, eval_stats="all", device=None, data_root=None, precise_batches=200,
+                        run_config=None) -> dict:
     """Test loss and errors of a checkpoint with each inference statistic its normalizer supports
     (`all`), or one of them; `precise` recomputes the statistics with the final weights over
-    `precise_batches` training batches (PreciseBN) first."""
+    `precise_batches` training batches (PreciseBN) first. `run_config`: the config of the run dir
+    it lies in (.hydra/config.yaml): a checkpoint of another run (copied there) is refused, not
+    reported as that run's numbers."""
     from mbn import norms
     from mbn.build import autocast_for, make_model, resolve_device, resolve_perf
     from mbn.checkpoint import load_checkpoint
@@ -52,6 +55,13 @@ def evaluate_checkpoint(path, eval_stats="all", device=None, data_root=None, pre
     from mbn.step import Evaluator, precise_data
 
     state = load_checkpoint(path)  # a missing or unreadable file: UserError naming it
+    if run_config is not None:
+        from mbn.checkpoint import config_differences
+
+        differ = config_differences(state["config"], run_config, "checkpoint")
+        if differ:
+            raise UserError(f"{path} is not the checkpoint of the run its folder holds (now = that run's "
+                            f".hydra/config.yaml): {'; '.join(differ)}; evaluate it with ckpt={path} alone")
     cfg = OmegaConf.create(state["config"])
     if data_root:
         cfg.data.root = data_root
@@ -121,7 +131,14 @@ def main(argv) -> int:
     if cfg.run_dir and not os.path.exists(path) and os.path.isfile(os.path.join(cfg.run_dir, "metrics.json")):
         raise UserError(f"{cfg.run_dir} has no checkpoint.pt (sweeps delete the checkpoints of finished runs); "
                         "its test errors are in its metrics.json")
-    report = evaluate_checkpoint(path, cfg.eval_stats, cfg.device, cfg.data.root, cfg.precise_batches)
+    saved, run_config = os.path.join(cfg.run_dir or "", ".hydra", "config.yaml"), None
+    if cfg.run_dir and os.path.isfile(saved):
+        try:
+            run_config = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+        except (OSError, ValueError, OmegaConfBaseException):  # unreadable or damaged: the checkpoint's own is used
+            print(f"warning: {saved} is unreadable or damaged; the checkpoint is not checked against it",
+                  file=sys.stderr)
+    report = evaluate_checkpoint(path, cfg.eval_stats, cfg.device, cfg.data.root, cfg.precise_batches, run_config)
     from mbn.tracking import to_json
 
     print(to_json(report, indent=2))

@@ -537,6 +537,9 @@ SESSION_MUTANTS: List[Mutant] = [
     M("sigterm_not_taken", "mbn/cli.py", "        signal.signal(signal.SIGTERM, _terminated)\n", "        pass\n",
       f"{T_EP}::test_ctrl_c_is_one_line_with_the_command_that_continues",
       "SIGTERM (kill, timeout) ends a run silently with 143 and leaves its run-dir lock"),
+    M("eval_trusts_any_checkpoint", "eval.py", "    if run_config is not None:\n", "    if False:\n",
+      f"{T_ERR}::test_eval_py_refuses_a_checkpoint_of_another_run_in_a_run_dir",
+      "a GN checkpoint copied into a BN run dir is evaluated and printed as that run's numbers"),
 ]
 MUTANTS += NEW_NORMALIZER_MUTANTS + GRAPH_REPLAY_MUTANTS + ISSUE20_MUTANTS + SESSION_MUTANTS
 

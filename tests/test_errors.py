@@ -349,3 +349,24 @@ def test_out_of_memory_is_the_machines_fault_and_leaves_no_run_dir(tmp_path, mon
             train.train(cfg, str(run_dir), False, [])
         if raised is UserError:
             assert caught.value.exit_code == EXIT_ENVIRONMENT and not (tmp_path / "runs").exists()
+
+
+def test_eval_py_refuses_a_checkpoint_of_another_run_in_a_run_dir(tmp_path):
+    """A GN run's checkpoint copied into a BN run's folder was evaluated and printed as if it were
+    that run's; the run dir's .hydra/config.yaml (interpolations resolved) names the differences."""
+    import shutil
+
+    import eval as eval_script
+    from mbn.engine import fit
+
+    base = TINY + ["logger=none", "train.epochs=1", "train.precise_batches=0"]
+    for name, norm in (("bn", "bn"), ("gn", "gn")):
+        cfg = make_cfg(base + [f"norm={norm}"])
+        fit(cfg, str(tmp_path / name))
+        (tmp_path / name / ".hydra").mkdir()
+        OmegaConf.save(cfg, tmp_path / name / ".hydra" / "config.yaml")
+    assert eval_script.main([f"run_dir={tmp_path / 'bn'}", "precise_batches=0"]) == 0  # its own: no difference
+    shutil.copy(tmp_path / "gn" / "checkpoint.pt", tmp_path / "bn" / "checkpoint.pt")
+    with pytest.raises(UserError, match="is not the checkpoint of the run its folder holds .*norm.name: checkpoint "
+                                        "'gn' vs now 'bn'"):
+        eval_script.main([f"run_dir={tmp_path / 'bn'}", "precise_batches=0"])
