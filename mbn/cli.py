@@ -61,6 +61,9 @@ def describe_os_error(e: OSError, doing: str = "") -> str:
     fix = _FIXES.get(e.errno) or (e.strerror or str(e) or type(e).__name__).strip().splitlines()[0]
     if e.errno == errno.EEXIST and isinstance(e.filename, str) and os.path.isfile(e.filename):
         fix = "a file is where a folder belongs; choose another path"  # --out some.md/table.md
+    elif e.errno == errno.EEXIST and isinstance(e.filename, str) and os.path.islink(e.filename) \
+            and not os.path.exists(e.filename):
+        fix = f"a link to {os.readlink(e.filename)}, which does not exist; make that folder or choose another path"
     head = f"{doing} " if doing else ""
     return f"{head}{where}: {fix}" if where else f"{head}{fix}".strip()
 

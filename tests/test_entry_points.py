@@ -97,6 +97,11 @@ def test_a_folder_made_where_a_file_is_says_so(tmp_path):
     assert str(err) == f"{afile}: a file is where a folder belongs; choose another path" and err.exit_code == 2
     assert str(environment_fault(FileExistsError(17, "File exists", str(tmp_path)))).endswith("it exists already; "
                                                                                                 "choose another path")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")  # hydra.run.dir=<a link to a removed folder>
+    with pytest.raises(FileExistsError) as caught:
+        os.makedirs(tmp_path / "dangling", exist_ok=True)
+    assert str(environment_fault(caught.value)).endswith(f"a link to {tmp_path / 'gone'}, which does not exist; "
+                                                         "make that folder or choose another path")
 
 
 def test_help_of_both_entry_points_needs_no_torch():
