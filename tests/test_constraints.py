@@ -212,7 +212,8 @@ def test_train_py_refuses_in_one_line_and_creates_nothing(tmp_path, overrides, s
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("override", ["norm=null", "norm=1", "norm=[bn,gn]", "model={}", "~data", "~norm=bn", "hydra/launcher=null"])
+@pytest.mark.parametrize("override", ["norm=null", "norm=1", "norm=[bn,gn]", "model={}", "~data", "~norm=bn",
+                                      "hydra/launcher=null"])
 def test_a_config_group_takes_one_option_by_name(override):
     """null, a number, a list, a dict or a deletion for a group: Hydra's ValueError or merge error
     names no group; ours names it and its options. A name, and a sweep over names, pass."""
@@ -222,7 +223,8 @@ def test_a_config_group_takes_one_option_by_name(override):
     group = override.lstrip("~").partition("=")[0]
     with pytest.raises(UserError, match=f"^{re.escape(override)}: {group} takes one option by name"):
         check_group_overrides(["optim.lr=null", override], groups)
-    check_group_overrides(["norm=bn", "norm=bn,gn", "model='resnet20'", "optim.lr=null", "hydra/launcher=basic"], groups)
+    check_group_overrides(["norm=bn", "norm=bn,gn", "model='resnet20'", "optim.lr=null", "hydra/launcher=basic"],
+                          groups)
 
 
 @pytest.mark.parametrize("program, argv, says", [

@@ -325,7 +325,8 @@ def test_out_of_memory_is_the_machines_fault_and_leaves_no_run_dir(tmp_path, mon
                        "you tried to allocate 799999999992 bytes. Error code 12 (Cannot allocate memory)")
     assert "(it asked for 799999999992 bytes)" in str(out_of_memory(cpu))
     assert out_of_memory(cpu).exit_code == EXIT_ENVIRONMENT
-    assert "(it asked for 20.00 GiB)" in str(out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")))
+    cuda = RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert "(it asked for 20.00 GiB)" in str(out_of_memory(cuda))
     assert out_of_memory(MemoryError()) is not None
     assert out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
 
