@@ -35,8 +35,11 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= FLOAT32_MAX
 
 
+INT64_MAX = 2**63 - 1  # torch counts steps and sizes in int64: a larger count wraps or turns into a float
+
+
 def _integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, int) and not isinstance(v, bool) and abs(v) <= INT64_MAX
 
 
 # ------------------------------------------------------------------ a value's own constraint
@@ -412,6 +415,8 @@ def _check(cfg, dotted, value, decl: Key):
             text = "be " + text
         if isinstance(value, (int, float)) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
             text += f", at most {FLOAT32_MAX:.4g} in size (float32's largest: torch computes in float32)"
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+            text += f", at most {INT64_MAX} (int64's largest: torch counts in int64)"
         return [f"{shown}: {decl.what} must {text}{note}"]
     out = []
     for rel in decl.relations:

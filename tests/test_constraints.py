@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mbn import UserError
 from mbn.config import norm_configs
-from mbn.validate import FLOAT32_MAX, Each, Folder, Matches, NotBelow, OneOf, Pattern, Preflight, Range, Stages, When, \
+from mbn.validate import FLOAT32_MAX, INT64_MAX, Each, Folder, Matches, NotBelow, OneOf, Pattern, Preflight, Range, Stages, When, \
     hydra_error, schema_fields
 from tests.conftest import REPO, run_cli
 
@@ -85,6 +85,8 @@ def invalid(rule):
                                    allow_infinity=False))
         if rule.integer:
             parts.append(st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not float(x).is_integer()))
+            if rule.high is None:  # beyond int64, torch's counter (train.epochs=99999999999999999999999)
+                parts.append(st.integers(min_value=INT64_MAX + 1))
         else:  # finite, but beyond what torch's float32 holds (an SGD step with lr=1e300 overflows)
             parts.append(st.floats(min_value=FLOAT32_MAX, exclude_min=True, allow_infinity=False).map(
                 lambda x: x if rule.ok(-x) or rule.low is None else -x))
@@ -269,6 +271,9 @@ def test_range_bounds_open_and_closed_by_hand():
     assert Range(0).ok(FLOAT32_MAX) and not Range(0).ok(1e300) and not Range().ok(-1e39)  # float32 holds it
     (found,) = problems(make_cfg(["optim.lr=1e300"]))
     assert found.startswith("optim.lr=1e+300: the learning rate must be a number > 0, at most 3.403e+38 in size")
+    assert Range(1, integer=True).ok(INT64_MAX) and not Range(1, integer=True).ok(INT64_MAX + 1)
+    (found,) = problems(make_cfg([f"train.epochs={10**23}"]))
+    assert found.startswith(f"train.epochs={10**23}: the number of epochs must be an integer >= 1, at most {INT64_MAX}")
     assert problems(make_cfg([f"seed={2**31 - 1}"])) == []
     (found,) = problems(make_cfg([f"seed={2**31}"]))
     assert found.startswith(f"seed={2**31}: the seed must lie in [0, 2147483648)")
