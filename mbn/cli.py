@@ -143,10 +143,10 @@ def nearest_existing(path: str) -> str:
     return path
 
 
-def writable_dirs(*named) -> list:
+def writable_dirs(*named, make: bool = True) -> list:
     """The folders a command writes into, (what, path) pairs: all checked before any is made, so a
     refusal (a file on the path, a folder this user cannot write) leaves nothing behind; then
-    made. Returns the absolute paths."""
+    made (`make=False`, a dry run: only checked). Returns the absolute paths."""
     for what, path in named:
         base = nearest_existing(path)
         if not os.path.isdir(base):
@@ -157,7 +157,8 @@ def writable_dirs(*named) -> list:
     out = []
     for what, path in named:
         try:
-            os.makedirs(path, exist_ok=True)
+            if make:
+                os.makedirs(path, exist_ok=True)
         except OSError as e:
             raise environment_fault(e, f"{what}:") from None
         out.append(os.path.abspath(path))

@@ -354,15 +354,15 @@ def cmd_table(args) -> int:
     root = os.path.abspath(os.path.join(args.root, name))
     bench = bench_of(args)
     env = dict(os.environ)
+    _, cache = writable_dirs(("--root", root), ("--compile-cache", cache_dir(args, os.path.dirname(root))),
+                             make=not args.dry_run)  # a dry run says what the run would refuse
     if not args.dry_run:
-        _, cache = writable_dirs(("--root", root), ("--compile-cache", cache_dir(args, os.path.dirname(root))))
         compile_cache.use(cache, key="--compile-cache")
         env = dict(os.environ)
         start_mps(args.jobs)
         if args.time_limit:
             env["MBN_DEADLINE"] = repr(time.time() + args.time_limit)  # an absolute time every job reads
     else:
-        cache = cache_dir(args, os.path.dirname(root))
         print(bench.describe(args.jobs))
     failed, total = [], []
     for table in tables:

@@ -79,6 +79,7 @@ def test_output_folders_are_all_checked_before_any_is_made(tmp_path, monkeypatch
     with pytest.raises(EnvironmentFault, match="is not writable by this user"):
         writable_dirs(("--runs", str(first)), ("--out", str(tmp_path / "locked" / "out")))
     assert not (tmp_path / "runs").exists()
+    assert writable_dirs(("--runs", str(first)), make=False) == [str(first)] and not first.exists()  # a dry run
     assert writable_dirs(("--runs", str(first)), ("--out", str(tmp_path / "out"))) == [str(first), str(tmp_path / "out")]
     assert first.is_dir() and (tmp_path / "out").is_dir()
 

@@ -169,6 +169,7 @@ def own_compile_cache(tmp_path, monkeypatch):
     (["next", "--budget", "600", "--tables", "table6", "--compile-cache", __file__],
      f"{__file__} is a file, not a folder"),
     (["table1", "--compile-cache", os.path.join(__file__, "cache")], "is a file, not a folder"),  # the runs dir
+    (["table1", "--dry-run", "--compile-cache", __file__], "is a file, not a folder"),  # what the run would refuse
     (["table1", "--norms", "gn"], "--models/--norms leave no run of table1, whose cells have models nin, resnet20"),
     (["plan", "--tables", "table6", "--models", "vgg16"], "leave no run of table6, whose cells have models resnet20"),
 ])
