@@ -107,9 +107,20 @@ def guarded(main, *args, on_interrupt: str = "", **kwargs):
     """Call main(*args, **kwargs); a user mistake, an environment fault, Ctrl-C or SIGTERM ends the
     process with its one line and exit status (SystemExit). `on_interrupt`: what to tell after
     Ctrl-C (e.g. the command that continues). SIGTERM is taken only where nothing else handles it
-    (mbn.preempt's SLURM signal keeps its own handler)."""
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    (mbn.preempt's SLURM signal keeps its own handler), and only while main runs: a process that
+    calls guarded in passing (a test, a joblib worker) gets its own handling back."""
+    took = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if took:
         signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _call(main, args, kwargs, on_interrupt)
+    finally:
+        if took and signal.getsignal(signal.SIGTERM) is _terminated:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _call(main, args, kwargs, on_interrupt):
     try:
         return main(*args, **kwargs)
     except UserError as e:

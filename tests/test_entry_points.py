@@ -63,6 +63,30 @@ def test_a_folder_from_an_environment_variable_is_checked_and_named(tmp_path, mo
     assert not (tmp_path / "run").exists()
 
 
+def test_sigterm_is_taken_only_while_main_runs():
+    """guarded turns SIGTERM into its one line while main runs, and gives the process its own
+    handling back after (a test or a joblib worker that calls it in passing)."""
+    import signal
+
+    from mbn import cli
+
+    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        seen = []
+        assert cli.guarded(lambda: seen.append(signal.getsignal(signal.SIGTERM)) or 7) == 7
+        assert seen == [cli._terminated] and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        with pytest.raises(SystemExit):
+            cli.guarded(lambda: (_ for _ in ()).throw(UserError("no")))
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        mine = lambda signum, frame: None  # noqa: E731  (someone else's handler is left alone)
+        signal.signal(signal.SIGTERM, mine)
+        seen.clear()
+        cli.guarded(lambda: seen.append(signal.getsignal(signal.SIGTERM)))
+        assert seen == [mine] and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_output_folders_are_all_checked_before_any_is_made(tmp_path, monkeypatch):
     """cli.writable_dirs: a file on one path, or a folder this user cannot write, refuses the
     command before any of its folders exists; otherwise all are made."""
