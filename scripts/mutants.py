@@ -541,6 +541,15 @@ SESSION_MUTANTS: List[Mutant] = [
     M("eval_trusts_any_checkpoint", "eval.py", "    if run_config is not None:\n", "    if False:\n",
       f"{T_ERR}::test_eval_py_refuses_a_checkpoint_of_another_run_in_a_run_dir",
       "a GN checkpoint copied into a BN run dir is evaluated and printed as that run's numbers"),
+    M("int64_overflow_passes", "mbn/validate.py", "and not isinstance(v, bool) and abs(v) <= INT64_MAX",
+      "and not isinstance(v, bool)", "tests/test_constraints.py::test_range_bounds_open_and_closed_by_hand",
+      "train.epochs=99999999999999999999999 is accepted and trains with no end"),
+    M("dry_run_makes_folders", "mbn/cli.py", "            if make:\n                os.makedirs(",
+      "            if True:\n                os.makedirs(", f"{T_EP}::test_output_folders_are_all_checked_before_any_is_made",
+      "sweep.py --dry-run creates the runs and compile-cache folders it only had to check"),
+    M("sigterm_handler_kept", "mbn/cli.py", "        if took and signal.getsignal(signal.SIGTERM) is _terminated:\n",
+      "        if False:\n", f"{T_EP}::test_sigterm_is_taken_only_while_main_runs",
+      "guarded leaves its SIGTERM handler installed: a test or joblib worker that called it raises on a later SIGTERM"),
 ]
 MUTANTS += NEW_NORMALIZER_MUTANTS + GRAPH_REPLAY_MUTANTS + ISSUE20_MUTANTS + SESSION_MUTANTS
 
