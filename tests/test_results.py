@@ -407,5 +407,5 @@ def test_collect_into_an_out_that_is_a_file_is_a_mistake_in_the_command(tmp_path
     out.write_text("mine")
     with pytest.raises(SystemExit) as e:  # through the scripts' boundary, as `python scripts/...` runs
         guarded(script("collect_runs"), ["--runs", os.path.join(REPO, "results", "runs", "e3"), "--out", str(out)])
-    assert e.value.code == 2 and f"error: {out}: it exists already" in capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {out}: a file is where a folder belongs" in capsys.readouterr().err
     assert out.read_text() == "mine"
