@@ -332,8 +332,8 @@ def _value(cfg, dotted):
 
 def closest(name: str, candidates, elsewhere=()) -> str:
     """'; did you mean X?': a key of the same name in another section, the shallowest first
-    (train.device -> device),
-    else the closest of `candidates` (the siblings), else the closest key of `elsewhere`."""
+    (train.device -> device), else the closest of `candidates` (the siblings), else the closest
+    key of `elsewhere`."""
     leaf = name.rpartition(".")[2]
     match = (sorted((k for k in elsewhere if k != name and k.rpartition(".")[2] == leaf), key=lambda k: k.count("."))
              or difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
